@@ -1,0 +1,143 @@
+"""Checkpoints that carry their own architecture and config, and never unpickle code.
+
+A checkpoint is a plain dict saved with ``torch.save``::
+
+    {"format_version": 1, "kind": "generator", "name": "style", "kwargs": {...},
+     "state_dict": {...}, "config": {...}, "extra": {...}}
+
+``kind`` names a registry (generator, discriminator, encoder, classifier), ``name`` and
+``kwargs`` rebuild the module through it, so loading needs no flags repeated. Loading always
+uses ``torch.load(weights_only=True)``: a file crafted to execute code when unpickled is
+refused instead of run.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Tuple
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: wrong architecture, wrong shape, unknown version, unsafe."""
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists etc., so the header round-trips through weights_only loading."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def save_checkpoint(
+    path: str | Path,
+    module: nn.Module,
+    *,
+    kind: str,
+    name: str,
+    kwargs: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write atomically (temp file + rename) so a killed writer never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "name": name,
+        "kwargs": _plain(dict(kwargs)),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "config": _plain(dict(config or {})),
+        "extra": _plain(dict(extra or {})),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Load the raw checkpoint dict safely and check its format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects that are not plain tensors/containers "
+            f"(loading it would run code from the file). Details: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a natra_ray checkpoint (no 'state_dict' entry)")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this natra_ray reads versions "
+            f"1..{FORMAT_VERSION}. Upgrade natra_ray to read it."
+        )
+    return ckpt
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``load_state_dict`` that names the first missing / unexpected / mis-shaped tensor."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{source} does not match the model architecture: " + "; ".join(parts))
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)} but the model expects "
+                f"{tuple(v.shape)} (checkpoint of a different architecture or size?)"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def load_module(
+    path: str | Path,
+    *,
+    kind: str,
+    factory: Callable[..., nn.Module],
+    **override_kwargs: Any,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a module from the checkpoint alone: ``factory(name, **kwargs)`` then load weights.
+
+    ``override_kwargs`` are compared against the stored ones: asking for a model of a
+    different shape than the file holds is the wrong-architecture error, named precisely.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {ckpt.get('kind')!r}, not a {kind!r}")
+    kwargs = dict(ckpt.get("kwargs", {}))
+    for k, v in override_kwargs.items():
+        if k in kwargs and kwargs[k] != v:
+            raise CheckpointError(
+                f"{path}: the {kind} was saved with {k}={kwargs[k]!r} but {k}={v!r} was asked for"
+            )
+        kwargs[k] = v
+    module = factory(ckpt["name"], **kwargs)
+    load_state_strict(module, ckpt["state_dict"], source=str(path))
+    return module, ckpt
