@@ -141,7 +141,7 @@ class GanTrainer:
         out: Dict[str, float] = {}
         if g.loss == "ns_r1":
             loss = d_logistic_loss(self.D(real), self.D(fake))
-            out["d_loss"] = float(loss)
+            out["d_loss"] = float(loss.detach())
             if g.r1_gamma > 0 and self.step % g.r1_every == 0:
                 real_r = real.detach().requires_grad_(True)
                 r1 = d_r1_penalty(self.D(real_r), real_r)
@@ -149,7 +149,7 @@ class GanTrainer:
                 out["r1"] = float(r1)
         else:
             loss = d_wgan_loss(self.D(real), self.D(fake))
-            out["d_loss"] = float(loss)
+            out["d_loss"] = float(loss.detach())
             gp = wgan_gradient_penalty(self.D, real, fake)
             loss = loss + g.gp_lambda * gp
             out["gp"] = float(gp)
