@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,12 +400,12 @@ def load_config(
     if profile not in list_profiles():
         raise ConfigError(f"unknown profile {profile!r}; known profiles are: {', '.join(list_profiles())}")
     d = _read_yaml(PROFILE_DIR / f"{profile}.yaml")
-    d["profile"] = profile
     if config_file:
         p = Path(config_file)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         d = _merge(d, _read_yaml(p))
+    d["profile"] = profile  # the profile actually loaded, even if the file names another
     if not isinstance(overrides, Mapping):
         overrides = dict(parse_override(o) for o in overrides)
     return from_dict(_apply_overrides(d, overrides))

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-# Keep thread pools small: CI has 2 cores and Ray workers bring their own.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on a shared 2-core machine, OpenMP threads spin at barriers and a
+# descheduled one stalls the rest - measured 40x slower GAN steps with 2 threads under load.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

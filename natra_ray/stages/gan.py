@@ -146,13 +146,13 @@ class GanTrainer:
                 real_r = real.detach().requires_grad_(True)
                 r1 = d_r1_penalty(self.D(real_r), real_r)
                 loss = loss + g.r1_gamma / 2 * r1 * g.r1_every
-                out["r1"] = float(r1)
+                out["r1"] = float(r1.detach())
         else:
             loss = d_wgan_loss(self.D(real), self.D(fake))
             out["d_loss"] = float(loss.detach())
             gp = wgan_gradient_penalty(self.D, real, fake)
             loss = loss + g.gp_lambda * gp
-            out["gp"] = float(gp)
+            out["gp"] = float(gp.detach())
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
@@ -174,7 +174,7 @@ class GanTrainer:
         self.images_seen += batch_size
         half_life = min(g.ema_half_life_images, self.images_seen * EMA_RAMPUP)
         accumulate(self.G_ema, self.G, 0.5 ** (batch_size / max(half_life, 1e-8)))
-        return {"g_loss": float(loss)}
+        return {"g_loss": float(loss.detach())}
 
     def train_step(self, real: torch.Tensor) -> Dict[str, float]:
         out = {}

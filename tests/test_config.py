@@ -1,0 +1,96 @@
+"""Config: profiles load, overrides apply, and every kind of bad value names its key."""
+import pytest
+
+from natra_ray.config import Config, ConfigError, list_profiles, load_config, parse_override, save_config
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+def test_profiles_load_and_differ_from_defaults(profile):
+    cfg = load_config(profile)
+    assert cfg.profile == profile
+    assert isinstance(cfg.gan.steps, int) and cfg.gan.steps > 0
+
+
+def test_profiles_listed():
+    assert {"smoke", "cpu", "paper"} <= set(list_profiles())
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown profile 'gpu-monster'.*cpu, paper, smoke"):
+        load_config("gpu-monster")
+
+
+def test_override_types_are_parsed_and_applied():
+    cfg = load_config("smoke", overrides=["gan.lr=0.001", "robust.apt=false", "eval.severities=[1,2]"])
+    assert cfg.gan.lr == 0.001 and cfg.robust.apt is False and cfg.eval.severities == (1, 2)
+
+
+def test_int_accepted_for_float_but_not_str_for_int():
+    assert load_config("smoke", overrides={"robust.eps": 1}).robust.eps == 1.0
+    with pytest.raises(ConfigError, match=r"'gan.steps' expects int; got 'many'"):
+        load_config("smoke", overrides=["gan.steps=many"])
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="'gan.steps' expects int"):
+        load_config("smoke", overrides={"gan.steps": True})
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config("smoke", overrides=["robust.epsilon=0.1"])
+    msg = str(e.value)
+    assert "robust.epsilon" in msg and "eps" in msg and "label_smoothing_c" in msg
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="unknown config key 'robustness'"):
+        load_config("smoke", overrides={"robustness.eps": 0.1})
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match="'directions.estimator' must be one of 'umap', 'pca'"):
+        load_config("smoke", overrides=["directions.estimator=ica"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("robust.eps=-0.1", "robust.eps must be >= 0"),
+    ("robust.rho=5.0", "rho (5.0) must be smaller than the truncation cap"),
+    ("encoder.lce_codes=0", "encoder.lce_codes must be >= 1"),
+    ("data.image_size=30", "power of two"),
+    ("robust.num_directions=99", "exceeds directions.num_directions"),
+])
+def test_range_checks(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config("smoke", overrides=[override])
+
+
+def test_yaml_file_merges_and_round_trips(tmp_path):
+    cfg = load_config("smoke", overrides=["gan.steps=7"])
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    again = load_config("cpu", config_file=path)  # the file wins over the cpu profile
+    assert again.gan.steps == 7 and again.to_dict() == {**cfg.to_dict(), "profile": "cpu"}
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("gan: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("smoke", config_file=p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("smoke", config_file=tmp_path / "missing.yaml")
+
+
+def test_override_syntax():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("gan.steps")
+
+
+def test_key_depends_only_on_named_sections():
+    a = load_config("smoke")
+    b = a.replace(**{"robust.eps": 0.3})
+    assert a.key("data", "gan") == b.key("data", "gan")
+    assert a.key("robust") != b.key("robust")
+    assert isinstance(Config().flat()["gan.lr"], float)
