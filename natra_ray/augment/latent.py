@@ -1,0 +1,149 @@
+"""NaTra and the latent-space methods (NaTra Sec. 3.1, 3.4.3; Eq. 1, 6, 13, 14).
+
+The training set's latent codes depend only on the frozen encoder (+ LCE), so they are
+computed once (``LatentSource.codes``) and indexed by example position; an epoch only edits
+and decodes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from natra_ray.attacks import _eval_mode, latent_pgd
+from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.models.generator import Generator, to_unit
+from natra_ray.models.latent import Directions, lce_decode
+
+
+# --------------------------------------------------------------------------- pure pieces
+def apt_update(eps: Tensor, misclassified: Tensor, rho: float, cap: float) -> Tensor:
+    """Eq. 13's alternating update: an example the transformation at eps_i + rho already
+    fools keeps eps_i; one it does not fool gets eps_i + rho, truncated at ``cap``."""
+    return torch.where(misclassified, eps, (eps + rho).clamp(max=cap))
+
+
+def smooth_labels(y: Tensor, num_classes: int, alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Adaptive label smoothing: y~ = (1 - alpha_i) y + alpha_i u, u ~ Dirichlet(1) per example.
+
+    alpha (B,) is c * eps_i (Sec. 3.4.3): a larger budget earns more label uncertainty."""
+    # Dirichlet(1, ..., 1) = normalised i.i.d. Exp(1) draws; sampled this way so a seeded
+    # torch.Generator controls it (torch.distributions.Dirichlet takes no generator).
+    e = -torch.log(torch.rand(y.shape[0], num_classes, generator=generator).clamp_min(1e-12)).to(alpha.device)
+    u = e / e.sum(1, keepdim=True)
+    a = alpha.clamp(0, 1).view(-1, 1)
+    return (1 - a) * one_hot(y, num_classes) + a * u
+
+
+@dataclass
+class LatentSource:
+    """Everything a latent method needs: frozen G, the dataset's cached codes, directions."""
+
+    G: Generator
+    ws: Tensor  # (N, n_codes, num_ws, w_dim) codes of the whole dataset (CPU)
+    alpha: Tensor  # (N, n_codes, C_l) LCE channel importance
+    layer: int  # LCE composition layer
+    directions: Directions
+    num_directions: int
+    layer_range: Tuple[int, int]  # (start, end) inclusive: D(u_i, start-end)
+    eps: Tensor  # (N,) per-example budget, the APT state (kept across epochs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.G.w_avg.device
+
+    def codes(self, idx: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.ws[idx.cpu()].to(self.device), self.alpha[idx.cpu()].to(self.device)
+
+    def decode(self, ws: Tensor, alpha: Tensor, coeffs: Tensor | None = None) -> Tensor:
+        """Codes (B, N, num_ws, w_dim) edited by coeffs (B, k) along the directions -> [0, 1]."""
+        if coeffs is not None:
+            ws = self.directions.edit(ws, coeffs, *self.layer_range)
+        return to_unit(lce_decode(self.G, ws, alpha, self.layer))
+
+    @torch.no_grad()
+    def reconstruct(self, idx: Tensor) -> Tensor:
+        return self.decode(*self.codes(idx))
+
+
+def latent_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Tensor, eps: Tensor | float,
+                  steps: int, step_size: float | None, generator: torch.Generator | None,
+                  random_start: bool = True) -> Tuple[Tensor, Tensor]:
+    """Eq. 6: K steps of projected signed-gradient ascent on the CE loss w.r.t. the edit
+    coefficients r (B, k), |r|_inf <= eps. Returns (x_adv in [0, 1], r)."""
+    ws, alpha = src.codes(idx)
+    y = y.to(src.device)
+
+    def loss_fn(r: Tensor) -> Tensor:
+        return F.cross_entropy(model(src.decode(ws, alpha, r)), y, reduction="none")
+
+    if isinstance(eps, Tensor):
+        eps = eps.to(src.device)
+    with _eval_mode(model):  # BatchNorm statistics are not updated by the attack
+        r = latent_pgd(loss_fn, (idx.shape[0], src.num_directions), eps=eps, steps=steps,
+                       step_size=step_size, random_start=random_start, generator=generator,
+                       device=src.device)
+        with torch.no_grad():
+            x_adv = src.decode(ws, alpha, r)
+    return x_adv, r
+
+
+# --------------------------------------------------------------------------- methods
+def _natra(ctx: AugmentContext, batch: Batch, apt: bool) -> Augmented:
+    cfg, src = ctx.cfg, ctx.latent
+    if src is None:
+        raise ValueError("method 'natra' needs the latent source (generator, codes, directions)")
+    eps_i = src.eps[batch.idx.cpu()]  # (B,)
+    # APT attacks at eps_i + rho (Sec. 3.4.3): the same transformation trains theta and
+    # tells whether eps_i may grow, so tuning costs no extra forward passes.
+    radius = (eps_i + cfg.rho).clamp(max=cfg.eps_cap) if apt else torch.full_like(eps_i, cfg.eps)
+    step = cfg.pgd_step_size or None
+    x_adv, _ = latent_attack(ctx.model, src, batch.idx, batch.y, radius, cfg.pgd_steps, step, ctx.generator)
+    with torch.no_grad(), _eval_mode(ctx.model):
+        mis = (ctx.model(x_adv).argmax(1) != batch.y.to(x_adv.device)).cpu()
+    if apt:
+        src.eps[batch.idx.cpu()] = apt_update(eps_i, mis, cfg.rho, cfg.eps_cap)
+    used = eps_i if apt else radius
+    target = smooth_labels(batch.y, ctx.num_classes, cfg.label_smoothing_c * used, ctx.generator)
+    x = torch.cat([batch.x.to(x_adv.device), x_adv])
+    t = torch.cat([one_hot(batch.y, ctx.num_classes), target]).to(x_adv.device)
+    return Augmented(x, t, {"eps_mean": float(used.mean()), "adv_fooled": float(mis.float().mean())})
+
+
+@METHODS.register("natra")
+def natra(ctx: AugmentContext, batch: Batch) -> Augmented:
+    """Clean batch + the worst natural transformation within eps_i (APT on)."""
+    return _natra(ctx, batch, apt=ctx.cfg.apt)
+
+
+@METHODS.register("natra_oa")
+def natra_oa(ctx: AugmentContext, batch: Batch) -> Augmented:
+    """NaTra without APT: a fixed eps for every example (label smoothing at c * eps)."""
+    return _natra(ctx, batch, apt=False)
+
+
+@METHODS.register("natra_ol")
+def natra_ol(ctx: AugmentContext, batch: Batch) -> Augmented:
+    """NaTra without LCE: the pipeline builds its codes with one code per image (plain
+    inversion, ``lce_codes_for``), the attack itself is unchanged."""
+    return _natra(ctx, batch, apt=ctx.cfg.apt)
+
+
+@METHODS.register("random_latent")
+def random_latent(ctx: AugmentContext, batch: Batch) -> Augmented:
+    """NaTra's "Random" baseline: Gaussian noise N(0, eps^2) on the edit coefficients."""
+    src = ctx.latent
+    r = torch.randn(batch.x.shape[0], src.num_directions, generator=ctx.generator).to(src.device) * ctx.cfg.eps
+    with torch.no_grad():
+        x_rand = src.decode(*src.codes(batch.idx), r)
+    x = torch.cat([batch.x.to(x_rand.device), x_rand])
+    t = one_hot(torch.cat([batch.y, batch.y]), ctx.num_classes).to(x.device)
+    return Augmented(x, t)
+
+
+def lce_codes_for(method: str, lce_codes: int) -> int:
+    """How many LCE codes the training set is inverted with for ``method``."""
+    return 1 if method == "natra_ol" else lce_codes

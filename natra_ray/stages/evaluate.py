@@ -1,0 +1,110 @@
+"""Evaluation suite (METHOD.md Sec. 8): clean, natural-transformation (worst case and fixed
+strengths), MNIST-C-style corruptions, blurred accuracy and DeepFool score (paper 002),
+pixel PGD, and the escaped examples (correct on the original, fooled by a transformation).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from natra_ray.attacks import accuracy_under, deepfool_score, pgd_linf
+from natra_ray.augment.latent import LatentSource, latent_attack
+from natra_ray.config import Config
+from natra_ray.data import ImageDataset
+from natra_ray.data.corruptions import apply_corruption
+from natra_ray.stages.robust import accuracy
+from natra_ray.viz import save_grid
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def corruption_accuracies(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """acc per corruption x severity, per corruption (mean over severities) and the mean."""
+    out: Dict[str, float] = {}
+    per_corruption = []
+    for name in cfg.eval.corruptions:
+        accs = []
+        for s in cfg.eval.severities:
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)  # same corrupted set for every model
+            xc = apply_corruption(name, x, s, generator=gen)
+            a = float((_predict(model, xc) == y).float().mean())
+            out[f"corruption_{name}_s{s}_acc"] = a
+            accs.append(a)
+        out[f"corruption_{name}_acc"] = sum(accs) / len(accs)
+        per_corruption.append(out[f"corruption_{name}_acc"])
+    out["corruption_mean_acc"] = sum(per_corruption) / max(1, len(per_corruption))
+    return out
+
+
+def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.Tensor, y: torch.Tensor,
+                    out_dir: Optional[Path]) -> Dict[str, float]:
+    """Worst case within eval.natural_eps, fixed-strength edits per direction, escaped examples."""
+    e = cfg.eval
+    gen = torch.Generator().manual_seed(cfg.seed)
+    clean_pred = _predict(model, x)
+    adv_pred, adv_imgs = [], []
+    bs = 256
+    for i in range(0, len(y), bs):
+        idx = torch.arange(i, min(i + bs, len(y)))
+        x_adv, _ = latent_attack(model, src, idx, y[idx], e.natural_eps, e.natural_steps, None, gen)
+        adv_pred.append(_predict(model, x_adv))
+        adv_imgs.append(x_adv.cpu())
+    adv_pred_t, adv = torch.cat(adv_pred), torch.cat(adv_imgs)
+    out = {"natural_acc": float((adv_pred_t == y).float().mean())}
+    # Reconstruction accuracy separates "the classifier dislikes GAN images" from robustness.
+    recon = torch.cat([src.reconstruct(torch.arange(i, min(i + bs, len(y)))).cpu() for i in range(0, len(y), bs)])
+    out["recon_acc"] = float((_predict(model, recon) == y).float().mean())
+    k = src.num_directions
+    for s in e.fixed_strengths:
+        accs = []
+        for d in range(k):
+            coeffs = torch.zeros(len(y), k)
+            coeffs[:, d] = s
+            preds = []
+            for i in range(0, len(y), bs):
+                idx = torch.arange(i, min(i + bs, len(y)))
+                with torch.no_grad():
+                    preds.append(_predict(model, src.decode(*src.codes(idx), coeffs[idx].to(src.device))))
+            accs.append(float((torch.cat(preds) == y).float().mean()))
+        out[f"fixed_s{s:+g}_mean_acc"] = sum(accs) / k
+        out[f"fixed_s{s:+g}_min_acc"] = min(accs)
+    escaped = (clean_pred == y) & (adv_pred_t != y)
+    out["escaped_count"] = int(escaped.sum())
+    out["escaped_fraction"] = float(escaped.float().mean())
+    if out_dir is not None and int(escaped.sum()) > 0:
+        sel = escaped.nonzero().flatten()[:16]
+        pairs = torch.stack([x[sel], adv[sel]], dim=1).flatten(0, 1)  # original, transformed, ...
+        save_grid(pairs, out_dir / "escaped_examples.png", nrow=8)
+    return out
+
+
+def run(cfg: Config, model: nn.Module, test: ImageDataset, test_latent: Optional[LatentSource] = None,
+        out_dir: str | Path | None = None, prefix: str = "test_") -> Dict[str, float]:
+    """All metrics on (the first ``eval.max_examples`` of) the test split, keys prefixed."""
+    t0 = time.time()
+    model.eval()
+    n = min(len(test), cfg.eval.max_examples)
+    x, y = test.images[:n], test.labels[:n]
+    out_dir = Path(out_dir) if out_dir is not None else None
+    m: Dict[str, float] = {"clean_acc": accuracy(model, test.images, test.labels)}
+    m["blurred_acc"] = float((_predict(model, apply_corruption("blur5", x, 1)) == y).float().mean())
+    m.update(corruption_accuracies(cfg, model, x, y))
+    dev = next(model.parameters()).device
+    m["deepfool_score"] = deepfool_score(model, x.to(dev), max_iter=cfg.eval.deepfool_steps)
+    m["pixel_pgd_acc"] = accuracy_under(pgd_linf, model, x.to(dev), y.to(dev), eps=cfg.robust.pixel_eps,
+                                        steps=cfg.eval.pixel_pgd_steps)
+    if test_latent is not None:
+        m.update(natural_metrics(cfg, model, test_latent, x, y, out_dir))
+    m["eval_seconds"] = time.time() - t0
+    return {f"{prefix}{k}": v for k, v in m.items()}

@@ -1,0 +1,172 @@
+"""The NaTra chain in one process: GAN -> BIES + shift -> directions -> codes -> robust
+training -> evaluation. Each upstream stage is cached by the config that produced it, so a
+second run (or a second Tune trial) with the same upstream config reuses it.
+
+Upstream stages run with ``UPSTREAM_SEED`` rather than ``cfg.seed``: the seed a benchmark or
+sweep varies is the classifier's, and every seed must see the same generator and encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from natra_ray import cache
+from natra_ray.augment import needs_latent
+from natra_ray.augment.latent import LatentSource, lce_codes_for
+from natra_ray.config import Config
+from natra_ray.data import ImageDataset, load_dataset
+from natra_ray.losses import Perceptual
+from natra_ray.models.latent import Directions, resolve_layer_range
+from natra_ray.runtime import Reporter, null_reporter, resolve_device
+from natra_ray.stages import bies, directions, evaluate, gan, lce, robust
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_SEED = 0
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _lce_free(enc: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in enc.items() if not k.startswith("lce_")}
+
+
+def upstream_keys(cfg: Config) -> Dict[str, str]:
+    """Cache keys: each stage's key covers exactly the config its output depends on."""
+    d = cfg.to_dict()
+    gan_k = _hash({"data": d["data"], "gan": d["gan"], "seed": UPSTREAM_SEED})
+    bies_k = _hash({"up": gan_k, "encoder": _lce_free(d["encoder"])})
+    dir_k = _hash({"up": bies_k, "directions": d["directions"]})
+    return {"gan": gan_k, "bies": bies_k, "directions": dir_k}
+
+
+@dataclass
+class Upstream:
+    generator_path: Path  # the shifted generator (what decoding uses)
+    encoder_path: Path
+    directions_path: Path
+    dirs: Dict[str, Path]  # stage -> cache entry
+    metrics: Dict[str, float]
+
+
+def _upstream_cfg(cfg: Config) -> Config:
+    return cfg.replace(seed=UPSTREAM_SEED)
+
+
+def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter) -> Upstream:
+    """GAN, BIES + shift and directions, each computed once per upstream config."""
+    ucfg, keys, croot = _upstream_cfg(cfg), upstream_keys(cfg), Path(root) / "cache"
+    croot.mkdir(parents=True, exist_ok=True)
+    d = cfg.to_dict()
+
+    def gan_stage(out: Path) -> Dict[str, Any]:
+        return gan.run(ucfg, train, out, report).metrics
+
+    gan_dir = cache.cached(croot, "gan", keys["gan"], gan_stage, meta={"data": d["data"], "gan": d["gan"]})
+
+    def bies_stage(out: Path) -> Dict[str, Any]:
+        return bies.run(ucfg, gan_dir / "generator.pt", train, out, report).metrics
+
+    bies_dir = cache.cached(croot, "bies", keys["bies"], bies_stage, meta={"encoder": _lce_free(d["encoder"])})
+
+    def dir_stage(out: Path) -> Dict[str, Any]:
+        G = gan.load_generator(bies_dir / "generator_shifted.pt")
+        E = bies.load_encoder(bies_dir / "encoder.pt", G)
+        with torch.no_grad():
+            ws = E(train.images[: ucfg.directions.grid_images])
+        return directions.run(ucfg, bies_dir / "generator_shifted.pt", out, report, inversion_ws=ws).metrics
+
+    dir_dir = cache.cached(croot, "directions", keys["directions"], dir_stage, meta={"directions": d["directions"]})
+    metrics: Dict[str, float] = {}
+    for p in (gan_dir, bies_dir, dir_dir):
+        metrics.update({k: v for k, v in cache.read_manifest(p)["summary"].items() if isinstance(v, (int, float))})
+    return Upstream(bies_dir / "generator_shifted.pt", bies_dir / "encoder.pt", dir_dir / "directions.pt",
+                    {"gan": gan_dir, "bies": bies_dir, "directions": dir_dir}, metrics)
+
+
+def encode_splits(cfg: Config, up: Upstream, root: Path, splits: Dict[str, ImageDataset],
+                  n_codes: int) -> Dict[str, lce.LatentCodes]:
+    """Latent codes of each split, computed once per (encoder, LCE settings, split) - never per epoch."""
+    enc = dataclasses.replace(cfg.encoder, lce_codes=n_codes)
+    out: Dict[str, lce.LatentCodes] = {}
+    dev = resolve_device(cfg.device)
+    for name, ds in splits.items():
+        key = _hash({"bies": up.encoder_path.parent.name, "lce": {k: v for k, v in dataclasses.asdict(enc).items()
+                                                                  if k.startswith("lce_")},
+                     "split": name, "data": cfg.to_dict()["data"], "n": len(ds)})
+
+        def produce(tmp: Path, ds: ImageDataset = ds) -> Dict[str, Any]:
+            G = gan.load_generator(up.generator_path).to(dev)
+            E = bies.load_encoder(up.encoder_path, G).to(dev)
+            perc = Perceptual.from_config(cfg.encoder).to(dev) if n_codes > 1 else None
+            codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc)
+            codes.save(tmp / "codes.pt")
+            return {**{k: v for k, v in codes.meta.items() if isinstance(v, (int, float))},
+                    **{f"recon_{k}": v for k, v in lce.recon_metrics(G, codes, ds.images[:512], perc).items()}}
+
+        path = cache.cached(Path(root) / "cache", f"codes-{name}", key, produce)
+        out[name] = lce.LatentCodes.load(path / "codes.pt")
+    return out
+
+
+def latent_source(cfg: Config, up: Upstream, codes: lce.LatentCodes, eps0: float) -> LatentSource:
+    dev = resolve_device(cfg.device)
+    G = gan.load_generator(up.generator_path).to(dev)
+    dirs = Directions.load(up.directions_path)
+    start, end = resolve_layer_range(G, cfg.robust.layer_start, cfg.robust.layer_end)
+    return LatentSource(G, codes.ws, codes.alpha, codes.layer, dirs, cfg.robust.num_directions,
+                        (start, end), torch.full((len(codes),), float(eps0)))
+
+
+def load_splits(cfg: Config) -> Dict[str, ImageDataset]:
+    # The test split is drawn with a fixed seed: every model and seed is scored on the same images.
+    return {"train": load_dataset(cfg.data, "train", seed=UPSTREAM_SEED),
+            "val": load_dataset(cfg.data, "val", seed=UPSTREAM_SEED),
+            "test": load_dataset(cfg.data, "test", seed=UPSTREAM_SEED)}
+
+
+def run_trial(cfg: Config, root: Path, out_dir: Path, report: Reporter = null_reporter,
+              splits: Optional[Dict[str, ImageDataset]] = None, up: Optional[Upstream] = None) -> Dict[str, Any]:
+    """One classifier: train ``robust.method``, then the evaluation suite. Returns metrics."""
+    t0 = time.time()
+    splits = splits or load_splits(cfg)
+    root, out_dir = Path(root), Path(out_dir)
+    metrics: Dict[str, Any] = {}
+    if up is None:
+        up = prepare_upstream(cfg, root, splits["train"], report)
+    n_codes = lce_codes_for(cfg.robust.method, cfg.encoder.lce_codes)
+    codes = encode_splits(cfg, up, root, splits, n_codes)
+    src = {k: latent_source(cfg, up, c, cfg.robust.eps) for k, c in codes.items()}
+    n_eval = min(len(splits["test"]), cfg.eval.max_examples)
+    test_src = dataclasses.replace(src["test"], ws=src["test"].ws[:n_eval], alpha=src["test"].alpha[:n_eval])
+    val_src = src["val"]
+    art = robust.run(cfg, splits["train"], splits["val"], out_dir,
+                     latent=src["train"] if needs_latent(cfg.robust.method) else None,
+                     val_latent=val_src, report=report, device=resolve_device(cfg.device))
+    metrics.update(art.history[-1])
+    metrics.update(evaluate.run(cfg, art.model, splits["test"], test_src, out_dir))
+    metrics["trial_seconds"] = time.time() - t0
+    metrics["classifier_path"] = str(art.classifier_path)
+    return metrics
+
+
+def run_chain(cfg: Config, root: Path, methods: List[str], report: Reporter = null_reporter) -> Dict[str, Dict[str, Any]]:
+    """Upstream once, then each method trained and evaluated on the same data and seed."""
+    splits = load_splits(cfg)
+    up = prepare_upstream(cfg, root, splits["train"], report)
+    results: Dict[str, Dict[str, Any]] = {"upstream": dict(up.metrics)}
+    for m in methods:
+        mcfg = cfg.replace(**{"robust.method": m})
+        out = Path(root) / "runs" / f"{cfg.profile}-{m}-{mcfg.key('robust', 'eval')}-s{cfg.seed}"
+        results[m] = run_trial(mcfg, root, out, report, splits, up)
+    return results

@@ -1,0 +1,184 @@
+"""Robust classifier training (NaTra Eq. 1 outer minimisation), any augmentation method.
+
+``train`` is the single-process loop; ``TrainState`` makes an epoch resumable so the Ray
+Train worker (and its FailureConfig) can checkpoint and restart it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from natra_ray.augment import AugmentContext, Batch, create_method, soft_cross_entropy
+from natra_ray.augment.latent import LatentSource, latent_attack
+from natra_ray.checkpoints import save_checkpoint
+from natra_ray.config import Config
+from natra_ray.data import ImageDataset
+from natra_ray.models import create_classifier
+from natra_ray.runtime import Reporter, null_reporter
+
+log = logging.getLogger(__name__)
+
+
+def classifier_kwargs(cfg: Config, num_classes: int) -> Dict[str, Any]:
+    r = cfg.robust
+    return dict(in_channels=cfg.data.channels, num_classes=num_classes, image_size=cfg.data.image_size,
+                width=r.classifier_width, depth=r.classifier_depth)
+
+
+def build_classifier(cfg: Config, num_classes: int) -> nn.Module:
+    return create_classifier(cfg.robust.classifier, **classifier_kwargs(cfg, num_classes))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Clean accuracy in eval mode, batched."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum())
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+def natural_accuracy(model: nn.Module, src: LatentSource, y: torch.Tensor, eps: float, steps: int,
+                     batch_size: int = 256, seed: int = 0) -> float:
+    """Accuracy under the worst edit within eps along the directions (latent PGD, Eq. 6)."""
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        idx = torch.arange(i, min(i + batch_size, len(y)))
+        x_adv, _ = latent_attack(model, src, idx, y[idx], eps, steps, None, gen)
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            correct += int((model(x_adv).argmax(1).cpu() == y[idx]).sum())
+            model.train(was)
+    return correct / max(1, len(y))
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self, latent: Optional[LatentSource]) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "epoch": self.epoch, "history": self.history,
+                "eps": latent.eps.clone() if latent is not None else torch.zeros(0)}
+
+    def load_state_dict(self, s: Dict[str, Any], latent: Optional[LatentSource]) -> None:
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.epoch, self.history = int(s["epoch"]), list(s["history"])
+        if latent is not None and s["eps"].numel():
+            latent.eps.copy_(s["eps"])
+
+
+def make_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torch.device) -> TrainState:
+    r = cfg.robust
+    model = build_classifier(cfg, num_classes).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                          nesterov=r.momentum > 0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=max(1, r.epochs * steps_per_epoch),
+                                                pct_start=0.15)
+    return TrainState(model, opt, sched)
+
+
+def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Optional[LatentSource],
+                generator: torch.Generator, batches: Optional[Callable[[], Any]] = None) -> Dict[str, float]:
+    """One epoch of ``robust.method`` over ``data`` (or over the ``batches()`` iterator of
+    ``Batch`` objects, which is how the Ray Data stream feeds a Train worker)."""
+    r = cfg.robust
+    method = create_method(r.method)
+    model, dev = state.model, next(state.model.parameters()).device
+    ctx = AugmentContext(model, r, len(data.class_names), generator, latent)
+    if batches is None:
+        perm = torch.randperm(len(data), generator=generator)
+
+        def batches():
+            for i in range(0, len(perm) - r.batch_size + 1, r.batch_size):  # drop_last: BN-safe
+                idx = perm[i:i + r.batch_size]
+                yield Batch(data.images[idx], data.labels[idx], idx)
+
+    model.train()
+    t0, n, total, infos = time.time(), 0, 0.0, {}
+    for b in batches():
+        aug = method(ctx, b)
+        loss = soft_cross_entropy(model(aug.x.to(dev)), aug.target.to(dev)).mean()
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(
+                f"classifier loss became {float(loss.detach())} in epoch {state.epoch + 1} "
+                f"(robust.lr={r.lr}); lower robust.lr - the last finished epoch's checkpoint is kept")
+        state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        state.opt.step()
+        state.sched.step()
+        n += b.x.shape[0]
+        total += float(loss.detach()) * b.x.shape[0]
+        for k, v in aug.info.items():
+            infos[k] = infos.get(k, 0.0) + v * b.x.shape[0]
+    state.epoch += 1
+    secs = time.time() - t0
+    out = {"epoch": state.epoch, "train_loss": total / max(1, n), "epoch_seconds": secs,
+           "train_images_per_s": n / max(secs, 1e-9), **{k: v / max(1, n) for k, v in infos.items()}}
+    return out
+
+
+def validate(cfg: Config, model: nn.Module, val: ImageDataset, val_latent: Optional[LatentSource]) -> Dict[str, float]:
+    """Validation metrics (Tune optimises these; the test split is never used for selection)."""
+    m = {"val_acc": accuracy(model, val.images, val.labels)}
+    if val_latent is not None:
+        m["val_natural_acc"] = natural_accuracy(model, val_latent, val.labels, cfg.eval.natural_eps,
+                                                cfg.eval.natural_steps, seed=cfg.seed)
+    return m
+
+
+@dataclass
+class RobustArtifacts:
+    classifier_path: Path
+    history: List[Dict[str, float]]
+    model: nn.Module
+
+
+def run(cfg: Config, train: ImageDataset, val: ImageDataset, out_dir: str | Path,
+        latent: Optional[LatentSource] = None, val_latent: Optional[LatentSource] = None,
+        report: Reporter = null_reporter, device: torch.device | None = None) -> RobustArtifacts:
+    """Train ``robust.method`` for ``robust.epochs`` and save the classifier checkpoint."""
+    out_dir = Path(out_dir)
+    device = device or (latent.device if latent is not None else torch.device("cpu"))
+    num_classes = len(train.class_names)
+    steps = len(train) // cfg.robust.batch_size
+    if steps == 0:
+        raise ValueError(f"the training split has {len(train)} images, fewer than robust.batch_size")
+    state = make_state(cfg, num_classes, steps, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    while state.epoch < cfg.robust.epochs:
+        m = train_epoch(cfg, state, train, latent, gen)
+        m.update(validate(cfg, state.model, val, val_latent))
+        state.history.append(m)
+        report(m)
+        log.info("robust[%s] epoch %d: %s", cfg.robust.method, state.epoch,
+                 " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "epoch"))
+    path = save_classifier(out_dir / "classifier.pt", state.model, cfg, num_classes,
+                           extra={"history": state.history, "method": cfg.robust.method})
+    return RobustArtifacts(path, state.history, state.model)
+
+
+def save_classifier(path: Path, model: nn.Module, cfg: Config, num_classes: int,
+                    extra: Dict[str, Any] | None = None) -> Path:
+    return save_checkpoint(path, model, kind="classifier", name=cfg.robust.classifier,
+                           kwargs=classifier_kwargs(cfg, num_classes), config=cfg.to_dict(), extra=extra)
