@@ -1,0 +1,1 @@
+"""Distributed layer: Ray Train/Tune glue and MLflow experiment tracking (``tracking``)."""
