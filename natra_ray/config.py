@@ -156,6 +156,13 @@ class TuneConfig:
     asha_grace_period: int = 1
     train_workers: int = 1
     cpus_per_worker: int = 1
+    # Logical CPUs reserved for each trial's driver (it mostly waits on its TorchTrainer) and
+    # for the Ray Data actor that decodes latent codes. Tune -> Train -> Data reserve CPUs at
+    # every level; counting 1 for each would need 3 CPUs per trial and deadlock a 2-core box.
+    driver_cpus: float = 0.5
+    data_cpus: float = 0.5
+    data_stream: bool = True  # feed classifier workers through Ray Data (False: in-memory)
+    max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     storage_path: str = ""  # "" = ~/natra_ray_results (absolute, survives `ray job submit`)
 

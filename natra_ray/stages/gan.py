@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +101,12 @@ def load_generator(path: str | Path, cfg: Config | None = None) -> Generator:
 class GanTrainer:
     """Models + optimisers + one-step updates. Images fed in are in [0, 1]."""
 
-    def __init__(self, cfg: Config, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, device: torch.device | None = None,
+                 grad_sync: Optional[Callable[[nn.Module], None]] = None) -> None:
         self.cfg, g = cfg, cfg.gan
+        # Called between backward and the optimiser step; the Ray Train worker passes an
+        # all-reduce here to make the update data-parallel.
+        self.grad_sync = grad_sync or (lambda module: None)
         self.device = device or resolve_device(cfg.device)
         self.g_name, self.g_kwargs = g.generator, generator_kwargs(cfg)
         self.G: Generator = create_generator(g.generator, **self.g_kwargs).to(self.device)
@@ -155,6 +159,7 @@ class GanTrainer:
             out["gp"] = float(gp.detach())
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
+        self.grad_sync(self.D)
         self.opt_d.step()
         return out
 
@@ -167,6 +172,7 @@ class GanTrainer:
         loss = g_nonsaturating_loss(fake_pred) if g.loss == "ns_r1" else g_wgan_loss(fake_pred)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        self.grad_sync(self.G)
         self.opt_g.step()
         with torch.no_grad():
             w = self.G.mapping(torch.randn(batch_size, self.G.z_dim, device=self.device))

@@ -94,29 +94,31 @@ def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Repor
                     {"gan": gan_dir, "bies": bies_dir, "directions": dir_dir}, metrics)
 
 
+def codes_path(cfg: Config, up: Upstream, root: Path, name: str, ds: ImageDataset, n_codes: int) -> Path:
+    """Path of the cached latent codes of split ``name``; computed once per (encoder, LCE
+    settings, split) and shared by every trial and epoch."""
+    enc = dataclasses.replace(cfg.encoder, lce_codes=n_codes)
+    key = _hash({"bies": up.encoder_path.parent.name,
+                 "lce": {k: v for k, v in dataclasses.asdict(enc).items() if k.startswith("lce_")},
+                 "split": name, "data": cfg.to_dict()["data"], "n": len(ds)})
+    dev = resolve_device(cfg.device)
+
+    def produce(tmp: Path) -> Dict[str, Any]:
+        G = gan.load_generator(up.generator_path).to(dev)
+        E = bies.load_encoder(up.encoder_path, G).to(dev)
+        perc = Perceptual.from_config(cfg.encoder).to(dev) if n_codes > 1 else None
+        codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc)
+        codes.save(tmp / "codes.pt")
+        return {**{k: v for k, v in codes.meta.items() if isinstance(v, (int, float))},
+                **{f"recon_{k}": v for k, v in lce.recon_metrics(G, codes, ds.images[:512], perc).items()}}
+
+    return cache.cached(Path(root) / "cache", f"codes-{name}", key, produce) / "codes.pt"
+
+
 def encode_splits(cfg: Config, up: Upstream, root: Path, splits: Dict[str, ImageDataset],
                   n_codes: int) -> Dict[str, lce.LatentCodes]:
-    """Latent codes of each split, computed once per (encoder, LCE settings, split) - never per epoch."""
-    enc = dataclasses.replace(cfg.encoder, lce_codes=n_codes)
-    out: Dict[str, lce.LatentCodes] = {}
-    dev = resolve_device(cfg.device)
-    for name, ds in splits.items():
-        key = _hash({"bies": up.encoder_path.parent.name, "lce": {k: v for k, v in dataclasses.asdict(enc).items()
-                                                                  if k.startswith("lce_")},
-                     "split": name, "data": cfg.to_dict()["data"], "n": len(ds)})
-
-        def produce(tmp: Path, ds: ImageDataset = ds) -> Dict[str, Any]:
-            G = gan.load_generator(up.generator_path).to(dev)
-            E = bies.load_encoder(up.encoder_path, G).to(dev)
-            perc = Perceptual.from_config(cfg.encoder).to(dev) if n_codes > 1 else None
-            codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc)
-            codes.save(tmp / "codes.pt")
-            return {**{k: v for k, v in codes.meta.items() if isinstance(v, (int, float))},
-                    **{f"recon_{k}": v for k, v in lce.recon_metrics(G, codes, ds.images[:512], perc).items()}}
-
-        path = cache.cached(Path(root) / "cache", f"codes-{name}", key, produce)
-        out[name] = lce.LatentCodes.load(path / "codes.pt")
-    return out
+    """Latent codes of each split (cached, see ``codes_path``) - never recomputed per epoch."""
+    return {name: lce.LatentCodes.load(codes_path(cfg, up, root, name, ds, n_codes)) for name, ds in splits.items()}
 
 
 def latent_source(cfg: Config, up: Upstream, codes: lce.LatentCodes, eps0: float) -> LatentSource:

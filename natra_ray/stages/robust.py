@@ -74,13 +74,18 @@ class TrainState:
     epoch: int = 0
     history: List[Dict[str, float]] = field(default_factory=list)
 
+    @property
+    def bare(self) -> nn.Module:
+        """The classifier without a DDP wrapper (checkpoints never carry 'module.' prefixes)."""
+        return getattr(self.model, "module", self.model)
+
     def state_dict(self, latent: Optional[LatentSource]) -> Dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+        return {"model": self.bare.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "epoch": self.epoch, "history": self.history,
                 "eps": latent.eps.clone() if latent is not None else torch.zeros(0)}
 
     def load_state_dict(self, s: Dict[str, Any], latent: Optional[LatentSource]) -> None:
-        self.model.load_state_dict(s["model"])
+        self.bare.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
         self.epoch, self.history = int(s["epoch"]), list(s["history"])
@@ -105,7 +110,9 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
     r = cfg.robust
     method = create_method(r.method)
     model, dev = state.model, next(state.model.parameters()).device
-    ctx = AugmentContext(model, r, len(data.class_names), generator, latent)
+    # Attacks run on the bare module: under DDP, a forward through the wrapper whose backward
+    # never reaches the parameters (gradients w.r.t. the input only) would desync its reducer.
+    ctx = AugmentContext(getattr(model, "module", model), r, len(data.class_names), generator, latent)
     if batches is None:
         perm = torch.randperm(len(data), generator=generator)
 

@@ -1,0 +1,58 @@
+"""The main job: search NaTra's hyperparameters with Ray Tune + Optuna, track in MLflow.
+
+    python jobs/tune_natra.py                         # local Ray, Fashion-MNIST, cpu profile
+    ray job submit -- python jobs/tune_natra.py --profile paper --num-samples 64
+    python jobs/tune_natra.py --resume                # continue an interrupted sweep
+    python jobs/tune_natra.py --profile smoke tune.search_space=smoke robust.epochs=1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+
+from natra_ray.cli import add_config_args, config_from_args, fail  # noqa: E402
+from natra_ray.config import ConfigError  # noqa: E402
+from natra_ray.runtime import setup_logging  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: tune.num_samples)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep tune.name where it stopped")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        fail(str(e))
+    if args.num_samples is not None and args.num_samples < 1:
+        fail("--num-samples must be >= 1")
+
+    from natra_ray.data import DatasetError
+    from natra_ray.distributed.tracking import TrackingError, open_ui_command
+    from natra_ray.distributed.tune import run_sweep
+
+    t0 = time.time()
+    try:
+        out = run_sweep(cfg, resume=args.resume, num_samples=args.num_samples)
+    except (ConfigError, DatasetError, TrackingError) as e:
+        fail(str(e))
+    print()
+    print(out.table_path.read_text())
+    n_done = sum(r["status"] == "DONE" for r in out.rows)
+    print(f"{len(out.rows)} trials ({n_done} finished) in {time.time() - t0:.0f} s; table: {out.table_path}")
+    if out.best:
+        print(f"best trial {out.best.get('trial_id')}: " + ", ".join(
+            f"{k}={out.best[k]:.4f}" for k in ("val_natural_acc", "test_clean_acc", "test_natural_acc",
+                                               "test_corruption_mean_acc") if isinstance(out.best.get(k), float)))
+    print(f"MLflow tracking URI: {out.tracking_uri}  (parent run {out.parent_run_id})")
+    print(f"open the UI with:    {open_ui_command(out.tracking_uri)}")
+    return 0 if n_done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

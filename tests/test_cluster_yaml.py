@@ -1,0 +1,26 @@
+"""ray_cluster.yaml passes Ray's own autoscaler validation and opens nothing but SSH."""
+from pathlib import Path
+
+import yaml
+
+CLUSTER = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
+
+
+def test_ray_autoscaler_accepts_the_cluster_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(yaml.safe_load(CLUSTER.read_text()))
+    validate_config(cfg)  # raises jsonschema.ValidationError / ValueError when malformed
+    types = cfg["available_node_types"]
+    assert types["gpu_worker"]["min_workers"] == 0 and types["gpu_worker"]["max_workers"] >= 1
+    assert cfg["head_node_type"] == "head"
+
+
+def test_only_ssh_is_open_to_the_world_and_ui_ports_bind_loopback():
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    for perm in cfg["provider"]["security_group"]["IpPermissions"]:
+        world = any(r.get("CidrIp") == "0.0.0.0/0" for r in perm.get("IpRanges", []))
+        assert not world or (perm["FromPort"], perm["ToPort"]) == (22, 22), perm
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "--host 127.0.0.1" in " ".join(cfg["head_setup_commands"])
