@@ -123,3 +123,23 @@ def test_robust_epoch_learns_and_diverging_loss_fails_clearly(tiny_world, tmp_pa
     bad = cfg.replace(**{"robust.lr": 1e12, "robust.momentum": 0.0})
     with pytest.raises(FloatingPointError, match="lower robust.lr"):
         robust.run(bad, data, data, tmp_path / "bad")
+
+
+def test_classifier_artifact_loads_without_natra_ray(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = load_config("smoke", overrides={"robust.classifier_width": 4})
+    model = robust.build_classifier(cfg, 10).eval()
+    path = robust.save_classifier(tmp_path / "classifier.pt", model, cfg, 10)
+    x = torch.rand(3, 1, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / "ref.pt")
+    # A fresh interpreter that never imports natra_ray: only torch.
+    code = ("import sys, torch; sys.modules['natra_ray'] = None; "
+            f"m = torch.jit.load(r'{path.with_suffix('.torchscript.pt')}'); "
+            f"x = torch.load(r'{tmp_path / 'x.pt'}'); ref = torch.load(r'{tmp_path / 'ref.pt'}'); "
+            "assert torch.allclose(m(x), ref, atol=1e-5); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

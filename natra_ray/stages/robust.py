@@ -187,5 +187,16 @@ def run(cfg: Config, train: ImageDataset, val: ImageDataset, out_dir: str | Path
 
 def save_classifier(path: Path, model: nn.Module, cfg: Config, num_classes: int,
                     extra: Dict[str, Any] | None = None) -> Path:
+    """``classifier.pt`` (natra_ray checkpoint) plus ``classifier.torchscript.pt``: a TorchScript
+    program that loads with plain ``torch.jit.load`` - no natra_ray code needed. Both take float
+    images in [0, 1] of shape (B, C, H, W) at the dataset's resolution and return logits."""
+    was = model.training
+    model.eval()
+    example = torch.rand(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size,
+                         device=next(model.parameters()).device)
+    with torch.no_grad():
+        scripted = torch.jit.trace(model, example, check_trace=False)
+    scripted.save(str(Path(path).with_suffix(".torchscript.pt")))
+    model.train(was)
     return save_checkpoint(path, model, kind="classifier", name=cfg.robust.classifier,
                            kwargs=classifier_kwargs(cfg, num_classes), config=cfg.to_dict(), extra=extra)

@@ -1,0 +1,109 @@
+"""The Ray layer on a real local cluster: a 2-worker TorchTrainer matches the single-process
+stage, resources are budgeted so nested Tune -> Train -> Data cannot deadlock, and the smoke
+sweep submitted with `ray job submit` lands in MLflow with its params, metrics and model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from natra_ray.config import ConfigError, load_config
+from natra_ray.distributed.tune import ResourceError, max_concurrent, trial_cpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_resource_budget_counts_every_level():
+    cfg = load_config("smoke")
+    assert trial_cpus(cfg) == pytest.approx(0.5 + 1 + 0.5)
+    assert max_concurrent(cfg, 2) == 1 and max_concurrent(cfg, 8) == 4
+    big = cfg.replace(**{"tune.train_workers": 4})
+    with pytest.raises(ResourceError, match="one trial needs 5 CPUs .* but the cluster has 2"):
+        max_concurrent(big, 2)
+    assert isinstance(ResourceError("x"), ConfigError)
+
+
+def tiny_upstream(tmp: Path, splits) -> dict:
+    """A tiny generator, random directions and codes: a real upstream in milliseconds."""
+    from natra_ray.checkpoints import save_checkpoint
+    from natra_ray.models import create_generator
+    from natra_ray.models.latent import Directions
+    from natra_ray.stages.lce import LatentCodes
+
+    G = create_generator("style_tiny", resolution=32)
+    gpath = save_checkpoint(tmp / "g.pt", G, kind="generator", name="style_tiny", kwargs={"resolution": 32})
+    q, _ = torch.linalg.qr(torch.randn(G.w_dim, 4))
+    Directions(q.t().contiguous(), torch.ones(4), "test").save(tmp / "dirs.pt")
+    codes = {}
+    for k, ds in splits.items():
+        with torch.no_grad():
+            ws = G.broadcast(G.mapping(G.sample_z(len(ds))))[:, None]
+        codes[k] = str(LatentCodes(ws, torch.ones(len(ds), 1, G.layer_shape(0)[0]), 0).save(tmp / f"codes-{k}.pt"))
+    return {"generator_path": str(gpath), "encoder_path": str(gpath), "directions_path": str(tmp / "dirs.pt"),
+            "codes_paths": codes}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_worker_trainer_matches_single_process(ray_session, tmp_path):
+    """Same seed, same data, same global batch: DDP over 2 workers ~ one process."""
+    from natra_ray.distributed.train import fit_robust, load_result_state
+    from natra_ray.stages import pipeline, robust
+
+    over = {"robust.method": "none", "robust.num_directions": 4, "robust.epochs": 2, "robust.batch_size": 64, "robust.classifier_width": 8,
+            "robust.lr": 0.05, "data.train_subset": 1200, "data.test_subset": 200, "tune.data_stream": False}
+    cfg1 = load_config("smoke", overrides=over)
+    splits = pipeline.load_splits(cfg1)
+    single = robust.run(cfg1, splits["train"], splits["val"], tmp_path / "single")
+    cfg2 = cfg1.replace(**{"tune.train_workers": 2})
+    paths = tiny_upstream(tmp_path, splits)
+    result = fit_robust(cfg2, "two-workers", tmp_path / "ray", paths)
+    assert result.error is None
+    state = load_result_state(result)
+    two = state["history"][-1]["val_acc"]
+    one = single.history[-1]["val_acc"]
+    assert one > 0.5 and abs(two - one) <= 0.08, (one, two)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path):
+    """`ray job submit -- python jobs/tune_natra.py --profile smoke` on a real local cluster,
+    then MLflow holds one parent run and >= 2 finished children with params, metrics, model."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ray_cluster["dashboard"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster["dashboard"],
+           "--working-dir", str(REPO),
+           "--runtime-env-json", '{"excludes": [".venv", ".git", "*.egg-info", "__pycache__"]}',
+           "--", sys.executable, "jobs/tune_natra.py", "--profile", "smoke", "tune.search_space=smoke",
+           "tune.name=ci-smoke", f"tune.storage_path={tmp_path / 'store'}", f"tracking.uri={uri}",
+           "tune.num_samples=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert "succeeded" in tail.lower(), tail
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("ci-smoke")
+    runs = mlflow.search_runs([exp.experiment_id])
+    parents = runs[runs["tags.natra.role"] == "sweep"]
+    assert len(parents) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
+    done = children[children["status"] == "FINISHED"]
+    assert len(done) >= 2, children[["run_id", "status"]]
+    for col in ("robust.eps", "robust.rho", "robust.label_smoothing_c", "robust.layer_start",
+                "robust.layer_end", "encoder.lce_codes"):
+        assert done[f"params.{col}"].notna().all(), col
+    for m in ("test_clean_acc", "test_natural_acc", "val_natural_acc"):
+        assert done[f"metrics.{m}"].between(0, 1).all(), m
+    model = mlflow.pytorch.load_model(f"runs:/{done.iloc[0]['run_id']}/classifier")
+    x = torch.rand(2, 1, 32, 32)
+    assert model(x).shape == (2, 10)
