@@ -23,6 +23,9 @@ class Batch:
     x: Tensor  # (B, C, H, W) in [0, 1]
     y: Tensor  # (B,) int64
     idx: Tensor  # (B,) int64 positions in the training set (keys of per-example state)
+    # A random natural transformation dec(enc(x) + V r), |r| <= eps, when the batch came
+    # through the Ray Data stream (its actor decodes it); None when fed from memory.
+    x_rand: Optional[Tensor] = None
 
 
 @dataclass

@@ -136,9 +136,12 @@ def natra_ol(ctx: AugmentContext, batch: Batch) -> Augmented:
 def random_latent(ctx: AugmentContext, batch: Batch) -> Augmented:
     """NaTra's "Random" baseline: Gaussian noise N(0, eps^2) on the edit coefficients."""
     src = ctx.latent
-    r = torch.randn(batch.x.shape[0], src.num_directions, generator=ctx.generator).to(src.device) * ctx.cfg.eps
-    with torch.no_grad():
-        x_rand = src.decode(*src.codes(batch.idx), r)
+    if batch.x_rand is not None:  # decoded upstream by the Ray Data actor
+        x_rand = batch.x_rand.to(src.device)
+    else:
+        r = torch.randn(batch.x.shape[0], src.num_directions, generator=ctx.generator).to(src.device) * ctx.cfg.eps
+        with torch.no_grad():
+            x_rand = src.decode(*src.codes(batch.idx), r)
     x = torch.cat([batch.x.to(x_rand.device), x_rand])
     t = one_hot(torch.cat([batch.y, batch.y]), ctx.num_classes).to(x.device)
     return Augmented(x, t)

@@ -3,8 +3,8 @@
 A split becomes a dataset of rows {image, label, idx}; a stateful ``map_batches`` actor
 (``LatentAugmenter``) holds the frozen generator, the split's cached latent codes and the
 directions, and attaches to every batch its reconstruction ``x_rec = dec(enc(x))`` and a
-random natural transformation ``x_rand = dec(enc(x) + V r)``, |r|_inf <= eps (the PGD start
-and the "Random" baseline). The classifier workers read their shard with
+random natural transformation ``x_rand = dec(enc(x) + V r)``, r ~ N(0, eps^2) (what the
+"Random" baseline trains on). The classifier workers read their shard with
 ``iter_torch_batches``; the adversarial inner maximisation needs the *current* classifier,
 so it stays in the worker (an actor cannot hold weights that change every step).
 """
@@ -48,7 +48,7 @@ class LatentAugmenter:
         ws = self.codes.ws[idx].to(self.device)
         alpha = self.codes.alpha[idx].to(self.device)
         k = self.cfg.robust.num_directions
-        r = (torch.rand(len(idx), k, generator=self.gen) * 2 - 1).to(self.device) * self.cfg.robust.eps
+        r = torch.randn(len(idx), k, generator=self.gen).to(self.device) * self.cfg.robust.eps  # "Random": N(0, eps^2)
         x_rec = to_unit(lce_decode(self.G, ws, alpha, self.codes.layer))
         x_rand = to_unit(lce_decode(self.G, self.dirs.edit(ws, r, *self.range), alpha, self.codes.layer))
         batch["x_rec"] = x_rec.cpu().numpy()
@@ -70,7 +70,7 @@ def training_stream(ds: ImageDataset, cfg_dict: Dict[str, Any], generator_path: 
         LatentAugmenter,
         fn_constructor_kwargs={"cfg_dict": cfg_dict, "generator_path": str(generator_path),
                                "directions_path": str(directions_path), "codes_path": str(codes_path)},
-        batch_size=batch_size, batch_format="numpy", concurrency=1,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0 if use_gpu else num_cpus, num_gpus=1 if use_gpu else 0,
     )
 

@@ -105,9 +105,8 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train") if config.get("stream") else None
 
     def stream_batches():
-        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
-                                          dtypes={"image": torch.float32, "label": torch.int64, "idx": torch.int64}):
-            yield Batch(b["image"], b["label"], b["idx"])
+        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True):
+            yield Batch(b["image"].float(), b["label"].long(), b["idx"].long(), x_rand=b["x_rand"].float())
 
     def memory_batches():
         # The same seeded permutation on every rank, each taking its stride: DistributedSampler.
