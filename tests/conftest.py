@@ -71,6 +71,11 @@ def ray_cluster(tmp_path_factory):
         proc.kill()
     subprocess.run(["pkill", "-f", temp_dir], check=False)  # stragglers (gcs, workers) of this cluster
     shutil.rmtree(temp_dir, ignore_errors=True)
+    # `ray start` records the head in /tmp/ray/ray_current_cluster; a stale record makes a later
+    # plain ray.init() try to join this dead cluster.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 @pytest.fixture(scope="session")

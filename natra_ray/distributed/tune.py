@@ -208,11 +208,13 @@ def _init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user ("auto")
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 configure_logging=False)
+        # address="local": a fresh local instance. Without it ray.init() would try to join
+        # whatever cluster /tmp/ray/ray_current_cluster names, even a dead one (hangs).
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
 
 
 def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = None) -> SweepOutcome:
