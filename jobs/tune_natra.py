@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
     from natra_ray.distributed.tracking import TrackingError, open_ui_command
     from natra_ray.distributed.tune import run_sweep
 
+    def _terminate(signum, frame):  # SIGTERM (ray job stop, kill) ends like Ctrl-C: runs marked KILLED
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
     t0 = time.time()
     try:
         out = run_sweep(cfg, resume=args.resume, num_samples=args.num_samples)

@@ -153,6 +153,7 @@ class TuneConfig:
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     multi_objective: bool = False
     max_concurrent_trials: int = 0  # 0 = derived from cluster resources
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA stops weak trials at its rungs
     asha_grace_period: int = 1
     train_workers: int = 1
     cpus_per_worker: int = 1

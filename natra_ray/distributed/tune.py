@@ -220,14 +220,9 @@ def _init_ray(cfg: Config) -> None:
 def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = None) -> SweepOutcome:
     """The whole sweep; see the module docstring."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from natra_ray.cli import storage_root
-    from natra_ray.distributed.tracking import SweepTracker, open_ui_command, register_best
-
-    import optuna
+    from natra_ray.distributed.tracking import SweepTracker
 
     # 1. everything checkable, before any compute
     space = load_search_space(cfg.tune.search_space, cfg)
@@ -248,6 +243,24 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
                                      parent_run_id=parent_id)
     parent_file.write_text(parent_id)
 
+    try:
+        return _sweep(cfg, resume, num_samples, space, tracker, root, sweep_dir, concurrent, parent_id)
+    except BaseException as e:  # Ctrl-C / SIGTERM / a crash: the parent run says so, then re-raise
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                       reason=f"{type(e).__name__}: {e}"[:2000])
+        raise
+
+
+def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchSpace, tracker: Any,
+           root: Path, sweep_dir: Path, concurrent: int, parent_id: str) -> SweepOutcome:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    import optuna
+
+    from natra_ray.distributed.tracking import open_ui_command, register_best
+
     # 3. upstream once
     upstream = prepare_upstream(cfg, root)
     tracker.log_parent_metrics({f"upstream_{k}": v for k, v in upstream["metrics"].items()})
@@ -263,7 +276,7 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     search = OptunaSearch(space=space.define_by_run, metric=metrics if multi else metrics[0],
                           mode=modes if multi else modes[0], sampler=sampler, seed=cfg.seed)
     # ASHA stops weak trials after their first epochs (single objective only: it ranks by one metric).
-    scheduler = None if multi else ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.asha_grace_period,
+    scheduler = None if multi or cfg.tune.scheduler == "none" else ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.asha_grace_period,
                                                  max_t=cfg.robust.epochs + 1, reduction_factor=2)
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=cfg.to_dict(), space_dict=space.to_dict(), root=str(root),
@@ -294,12 +307,18 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     for r in grid:
         m = dict(r.metrics or {})
         m["trial_id"] = m.get("trial_id") or (r.path.rsplit("_", 2)[0] if r.path else "?")
-        m["status"] = "ERROR" if r.error else ("DONE" if m.get("done") else "STOPPED")
+        # DONE = reached its final report (evaluation + MLflow model); STOPPED = cut by ASHA.
+        m["status"] = "ERROR" if r.error else ("DONE" if m.get("mlflow_run_id") else "STOPPED")
         if r.error:
             m["error"] = str(r.error).splitlines()[0][:200]
         m.update({k: v for k, v in (r.config or {}).items() if k in space.params})
         rows.append(m)
     done = [r for r in rows if r["status"] == "DONE"]
+    for r in rows:  # early-stopped trials: their child runs end KILLED with the reason
+        if r["status"] == "STOPPED" and r.get("trial_id"):
+            t = tracker.trial_tracker(str(r["trial_id"]), run_name=f"trial-{r['trial_id']}")
+            t.start()
+            t.end("KILLED", reason="stopped early by the ASHA scheduler (below its rung's cut-off)")
     key, mode = metrics[0], modes[0]
     best = max(done, key=lambda r: r.get(key, -1e9) if mode == "max" else -r.get(key, 1e9)) if done else None
     table_path = sweep_dir / "summary.md"
