@@ -41,10 +41,15 @@ def _lce_free(enc: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in enc.items() if not k.startswith("lce_")}
 
 
+# Data fields that do not change the training images (the test split, loader settings).
+_NOT_TRAINING_DATA = ("test_subset", "num_workers", "download")
+
+
 def upstream_keys(cfg: Config) -> Dict[str, str]:
     """Cache keys: each stage's key covers exactly the config its output depends on."""
     d = cfg.to_dict()
-    gan_k = _hash({"data": d["data"], "gan": d["gan"], "seed": UPSTREAM_SEED})
+    data = {k: v for k, v in d["data"].items() if k not in _NOT_TRAINING_DATA}
+    gan_k = _hash({"data": data, "gan": d["gan"], "seed": UPSTREAM_SEED})
     bies_k = _hash({"up": gan_k, "encoder": _lce_free(d["encoder"])})
     dir_k = _hash({"up": bies_k, "directions": d["directions"]})
     return {"gan": gan_k, "bies": bies_k, "directions": dir_k}
@@ -110,7 +115,7 @@ def codes_path(cfg: Config, up: Upstream, root: Path, name: str, ds: ImageDatase
         codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc)
         codes.save(tmp / "codes.pt")
         return {**{k: v for k, v in codes.meta.items() if isinstance(v, (int, float))},
-                **{f"recon_{k}": v for k, v in lce.recon_metrics(G, codes, ds.images[:512], perc).items()}}
+                **{f"recon_{k}": v for k, v in lce.recon_metrics(G, codes.subset(slice(0, 512)), ds.images[:512], perc).items()}}
 
     return cache.cached(Path(root) / "cache", f"codes-{name}", key, produce) / "codes.pt"
 
