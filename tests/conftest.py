@@ -24,6 +24,9 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# `ray start --head` keeps the cluster's token in ~/.ray/auth_token; a client sends it only when
+# RAY_AUTH_MODE=token (Ray 2.60's token authentication stays on). Set before Ray is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

@@ -190,6 +190,7 @@ def save_classifier(path: Path, model: nn.Module, cfg: Config, num_classes: int,
     """``classifier.pt`` (natra_ray checkpoint) plus ``classifier.torchscript.pt``: a TorchScript
     program that loads with plain ``torch.jit.load`` - no natra_ray code needed. Both take float
     images in [0, 1] of shape (B, C, H, W) at the dataset's resolution and return logits."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     was = model.training
     model.eval()
     example = torch.rand(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size,
