@@ -91,19 +91,21 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path):
     assert proc.returncode == 0, tail
     assert "succeeded" in tail.lower(), tail
 
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name("ci-smoke")
-    runs = mlflow.search_runs([exp.experiment_id])
-    parents = runs[runs["tags.natra.role"] == "sweep"]
-    assert len(parents) == 1
-    children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
-    done = children[children["status"] == "FINISHED"]
-    assert len(done) >= 2, children[["run_id", "status"]]
-    for col in ("robust.eps", "robust.rho", "robust.label_smoothing_c", "robust.layer_start",
-                "robust.layer_end", "encoder.lce_codes"):
-        assert done[f"params.{col}"].notna().all(), col
-    for m in ("test_clean_acc", "test_natural_acc", "val_natural_acc"):
-        assert done[f"metrics.{m}"].between(0, 1).all(), m
-    model = mlflow.pytorch.load_model(f"runs:/{done.iloc[0]['run_id']}/classifier")
+    from natra_ray.distributed.tracking import _fluent_target
+
+    with _fluent_target(uri):  # read the store without leaking a global tracking URI to other tests
+        exp = mlflow.get_experiment_by_name("ci-smoke")
+        runs = mlflow.search_runs([exp.experiment_id])
+        parents = runs[runs["tags.natra.role"] == "sweep"]
+        assert len(parents) == 1
+        children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
+        done = children[children["status"] == "FINISHED"]
+        assert len(done) >= 2, children[["run_id", "status"]]
+        for col in ("robust.eps", "robust.rho", "robust.label_smoothing_c", "robust.layer_start",
+                    "robust.layer_end", "encoder.lce_codes"):
+            assert done[f"params.{col}"].notna().all(), col
+        for m in ("test_clean_acc", "test_natural_acc", "val_natural_acc"):
+            assert done[f"metrics.{m}"].between(0, 1).all(), m
+        model = mlflow.pytorch.load_model(f"runs:/{done.iloc[0]['run_id']}/classifier")
     x = torch.rand(2, 1, 32, 32)
     assert model(x).shape == (2, 10)
