@@ -56,17 +56,23 @@ def max_concurrent(cfg: Config, cluster_cpus: float, autoscaling: bool = False) 
 
 # --------------------------------------------------------------------------- upstream
 def prepare_upstream(cfg: Config, root: Path) -> Dict[str, Any]:
-    """GAN / BIES / directions as one Ray task (cached; a no-op when already computed)."""
+    """GAN / BIES / directions as one Ray task (cached; a no-op when already computed).
+
+    The task takes a whole node's CPUs (at most 8): nothing else runs before the trials, and
+    one torch thread per CPU is what makes the GAN affordable on a small machine."""
     import ray
 
-    @ray.remote(num_cpus=max(1, int(cfg.tune.cpus_per_worker)))
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    threads = int(max(1, min(8, node_cpus)))
+
+    @ray.remote(num_cpus=threads)
     def _upstream(cfg_dict: Dict[str, Any], root: str) -> Dict[str, Any]:
         from natra_ray.runtime import setup_logging
         from natra_ray.stages import pipeline
 
         setup_logging()
         c = from_dict(cfg_dict)
-        torch.set_num_threads(max(1, int(c.tune.cpus_per_worker)))
+        torch.set_num_threads(threads)
         up = pipeline.prepare_upstream(c, Path(root), pipeline.load_splits(c)["train"])
         return {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
                 "directions_path": str(up.directions_path),
