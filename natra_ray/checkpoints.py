@@ -70,13 +70,46 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | Path) -> Dict[str, Any]:
-    """Load the raw checkpoint dict safely and check its format version."""
+def save_tensors(path: str | Path, kind: str, payload: Mapping[str, Any]) -> Path:
+    """Atomically save a plain dict of tensors/values (directions, latent codes, ...) with its
+    ``kind`` and the format version, loadable by ``load_tensors`` without unpickling code."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format_version": FORMAT_VERSION, "kind": kind, **_plain_keep_tensors(payload)}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _plain_keep_tensors(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return {str(k): _plain_keep_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain_keep_tensors(v) for v in obj]
+    return obj
+
+
+def load_tensors(path: str | Path, kind: str) -> Dict[str, Any]:
+    """Load a ``save_tensors`` file safely; checks its kind and format version."""
+    d = _safe_load(Path(path))
+    if not isinstance(d, dict) or d.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} file")
+    _check_version(Path(path), d.get("format_version"))
+    return d
+
+
+def _safe_load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it contains objects that are not plain tensors/containers "
@@ -84,14 +117,23 @@ def read_checkpoint(path: str | Path) -> Dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a natra_ray checkpoint (no 'state_dict' entry)")
-    version = ckpt.get("format_version")
+
+
+def _check_version(path: Path, version: Any) -> None:
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(
             f"{path} has checkpoint format version {version!r}; this natra_ray reads versions "
             f"1..{FORMAT_VERSION}. Upgrade natra_ray to read it."
         )
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Load the raw checkpoint dict safely and check its format version."""
+    path = Path(path)
+    ckpt = _safe_load(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a natra_ray checkpoint (no 'state_dict' entry)")
+    _check_version(path, ckpt.get("format_version"))
     return ckpt
 
 

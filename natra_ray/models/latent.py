@@ -14,7 +14,7 @@ from typing import Any, Dict
 
 import torch
 
-from natra_ray.checkpoints import CheckpointError, FORMAT_VERSION, _plain
+from natra_ray.checkpoints import load_tensors, save_tensors
 from natra_ray.models.generator import Generator
 
 
@@ -69,19 +69,12 @@ class Directions:
         return ws + delta
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format_version": FORMAT_VERSION, "kind": "directions", "vectors": self.vectors.cpu(),
-                    "scales": self.scales.cpu(), "estimator": self.estimator, "meta": _plain(self.meta)}, path)
-        return path
+        return save_tensors(path, "directions", {"vectors": self.vectors, "scales": self.scales,
+                                                 "estimator": self.estimator, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "Directions":
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(d, dict) or d.get("kind") != "directions":
-            raise CheckpointError(f"{path} is not a directions file")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has format version {d.get('format_version')}; upgrade natra_ray")
+        d = load_tensors(path, "directions")
         return cls(d["vectors"], d["scales"], d["estimator"], d.get("meta", {}))
 
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from natra_ray.checkpoints import CheckpointError, FORMAT_VERSION, _plain
+from natra_ray.checkpoints import load_tensors, save_tensors
 from natra_ray.config import Config, EncoderConfig
 from natra_ray.losses import image_loss, unit
 from natra_ray.models import Generator, to_unit
@@ -131,19 +131,12 @@ class LatentCodes:
         return to_unit(lce_decode(G, self.ws[idx].to(dev), self.alpha[idx].to(dev), self.layer))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format_version": FORMAT_VERSION, "kind": "latent_codes", "ws": self.ws.cpu(),
-                    "alpha": self.alpha.cpu(), "layer": int(self.layer), "meta": _plain(self.meta)}, path)
-        return path
+        return save_tensors(path, "latent_codes", {"ws": self.ws, "alpha": self.alpha,
+                                                   "layer": int(self.layer), "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "LatentCodes":
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(d, dict) or d.get("kind") != "latent_codes":
-            raise CheckpointError(f"{path} is not a latent-codes file")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path} has format version {d.get('format_version')}; upgrade natra_ray")
+        d = load_tensors(path, "latent_codes")
         return cls(d["ws"], d["alpha"], int(d["layer"]), d.get("meta", {}))
 
 
