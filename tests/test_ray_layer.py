@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,11 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path):
            "--", sys.executable, "jobs/tune_natra.py", "--profile", "smoke", "tune.search_space=smoke",
            "tune.name=ci-smoke", f"tune.storage_path={tmp_path / 'store'}", f"tracking.uri={uri}",
            "tune.num_samples=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    for _ in range(30):  # the head's job agent starts after the dashboard answers: wait for it
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert "succeeded" in tail.lower(), tail
