@@ -14,22 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from natra_ray.cli import add_config_args, config_from_args, fail, storage_root  # noqa: E402
+from natra_ray.cli import add_config_args, fail, parse_job_args, storage_root  # noqa: E402
 from natra_ray.config import ConfigError  # noqa: E402
 from natra_ray.data import DatasetError  # noqa: E402
 from natra_ray.report import results_table  # noqa: E402
-from natra_ray.runtime import setup_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--methods", nargs="+", default=["none", "natra"], help="augmentation methods to compare")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        fail(str(e))
+    args, cfg = parse_job_args(p, argv)
     from natra_ray.stages import pipeline  # after arg checks: imports torch and friends
 
     root = storage_root(cfg)

@@ -15,21 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from natra_ray.cli import add_config_args, config_from_args, fail  # noqa: E402
+from natra_ray.cli import add_config_args, fail, parse_job_args  # noqa: E402
 from natra_ray.config import ConfigError  # noqa: E402
-from natra_ray.runtime import setup_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: tune.num_samples)")
     p.add_argument("--resume", action="store_true", help="continue the sweep tune.name where it stopped")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        fail(str(e))
+    args, cfg = parse_job_args(p, argv)
     if args.num_samples is not None and args.num_samples < 1:
         fail("--num-samples must be >= 1")
 

@@ -32,6 +32,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.profile or default_profile(), args.config, args.overrides)
 
 
+def parse_job_args(p: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Namespace, Config]":
+    """Parse a job's arguments and build its config; a bad config is one line and exit 2."""
+    args = p.parse_args(argv)
+    from natra_ray.runtime import setup_logging
+
+    setup_logging()
+    try:
+        return args, config_from_args(args)
+    except ConfigError as e:
+        fail(str(e))
+
+
 def storage_root(cfg: Config) -> Path:
     """Absolute storage root. A job sent with ``ray job submit`` runs in a temporary copy of the
     working directory, so a relative default would silently vanish: default to the home dir."""
@@ -45,4 +57,4 @@ def fail(msg: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]
     raise SystemExit(code)
 
 
-__all__ = ["add_config_args", "config_from_args", "storage_root", "fail", "ConfigError", "default_profile"]
+__all__ = ["add_config_args", "config_from_args", "storage_root", "fail", "ConfigError", "default_profile", "parse_job_args"]
