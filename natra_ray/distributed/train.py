@@ -25,14 +25,15 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-def _use_gpu(cfg: Config) -> bool:
+def use_gpu(cfg: Config) -> bool:
+    """tune.use_gpu resolved: 'auto' means 'when CUDA is visible'."""
     return cfg.tune.use_gpu == "yes" or (cfg.tune.use_gpu == "auto" and torch.cuda.is_available())
 
 
 def scaling_config(cfg: Config):
     from ray.train import ScalingConfig
 
-    gpu = _use_gpu(cfg)
+    gpu = use_gpu(cfg)
     return ScalingConfig(num_workers=cfg.tune.train_workers, use_gpu=gpu,
                          resources_per_worker={"CPU": cfg.tune.cpus_per_worker, **({"GPU": 1} if gpu else {})})
 

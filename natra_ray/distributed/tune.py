@@ -90,7 +90,8 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
 
     from natra_ray.distributed import data as rdata
     from natra_ray.distributed.tracking import TrialTracker
-    from natra_ray.distributed.train import fit_robust, load_result_state
+    from natra_ray.augment.latent import lce_codes_for
+    from natra_ray.distributed.train import fit_robust, load_result_state, use_gpu
     from natra_ray.runtime import setup_logging
     from natra_ray.search_space import search_space_from_dict
     from natra_ray.stages import evaluate, pipeline, robust
@@ -108,11 +109,10 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
         splits = pipeline.load_splits(cfg)
         up = pipeline.Upstream(Path(upstream["generator_path"]), Path(upstream["encoder_path"]),
                                Path(upstream["directions_path"]), {}, {})
-        from natra_ray.augment.latent import lce_codes_for
-
         n_codes = lce_codes_for(cfg.robust.method, cfg.encoder.lce_codes)
-        codes = pipeline.encode_splits(cfg, up, rootp, splits, n_codes)
+        # One cache lookup per split: the paths go to the workers, the test codes are loaded here.
         code_paths = {k: str(pipeline.codes_path(cfg, up, rootp, k, splits[k], n_codes)) for k in CODES_SPLITS}
+        test_codes = pipeline.lce.LatentCodes.load(code_paths["test"])
         paths = {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
                  "directions_path": str(up.directions_path), "codes_paths": code_paths}
         datasets = None
@@ -120,7 +120,7 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
             datasets = {"train": rdata.training_stream(splits["train"], cfg.to_dict(), up.generator_path,
                                                        up.directions_path, Path(code_paths["train"]),
                                                        batch_size=cfg.robust.batch_size,
-                                                       use_gpu=_gpu(cfg), num_cpus=cfg.tune.data_cpus)}
+                                                       use_gpu=use_gpu(cfg), num_cpus=cfg.tune.data_cpus)}
         result = fit_robust(cfg, f"train-{trial_id}", rootp / "train_runs", paths,
                             callbacks=[TuneReportCallback()], datasets=datasets)
         if result.error is not None:
@@ -133,7 +133,7 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
         model.eval()
         out = rootp / "trials" / trial_id
         out.mkdir(parents=True, exist_ok=True)
-        test_src = pipeline.latent_source(cfg, up, codes["test"].subset(slice(0, cfg.eval.max_examples)), cfg.robust.eps)
+        test_src = pipeline.latent_source(cfg, up, test_codes.subset(slice(0, cfg.eval.max_examples)), cfg.robust.eps)
         metrics = evaluate.run(cfg, model, splits["test"], test_src, out)
         clf_path = robust.save_classifier(out / "classifier.pt", model, cfg, len(splits["train"].class_names),
                                           extra={"history": state["history"], "trial_id": trial_id})
@@ -152,10 +152,6 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     except BaseException as e:  # the reason must reach MLflow before the trial dies
         tracker.end("FAILED", reason=f"{type(e).__name__}: {e}"[:5000])
         raise
-
-
-def _gpu(cfg: Config) -> bool:
-    return cfg.tune.use_gpu == "yes" or (cfg.tune.use_gpu == "auto" and torch.cuda.is_available())
 
 
 # --------------------------------------------------------------------------- results
