@@ -125,7 +125,27 @@ class RobustConfig:
     layer_end: int = -1
     clean_weight: float = 1.0
     pixel_eps: float = 0.1  # pixel PGD/FGSM baselines and pixel-PGD evaluation
-    mixup_alpha: float = 1.0
+    mixup_alpha: float = 1.0  # lambda ~ Beta(a, a) for mixup, manifold_mixup, gan_mixup, vae_mixup
+    # classic: per-image random affine + photometric jitter, each drawn uniformly in +-range
+    classic_rotation_deg: float = 15.0
+    classic_scale: float = 0.1  # zoom factor in [1 - s, 1 + s]
+    classic_shear_deg: float = 10.0
+    classic_translate: float = 0.1  # shift per axis, fraction of the image side
+    classic_brightness: float = 0.1  # added to every pixel
+    classic_contrast: float = 0.2  # factor in [1 - c, 1 + c] on deviations from the image mean
+    advmix_split: int = -1  # first "fine" (style) input of W+; -1 = num_ws // 2
+    advmix_candidates: int = 4  # other images whose fine styles the adversary may mix in
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """The small conv VAE behind ``vae_mixup`` (paper 002 Sec. 2.2), trained once per data config."""
+
+    z_dim: int = 16
+    channels: int = 32  # first conv's width; doubles per downsampling
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -187,6 +207,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -322,7 +343,8 @@ def validate(cfg: Config) -> None:
         "gan": ("z_dim", "w_dim", "mapping_layers", "channels", "batch_size", "n_critic", "r1_every"),
         "encoder": ("batch_size", "lce_codes"),
         "directions": ("num_samples", "num_directions"),
-        "robust": ("epochs", "batch_size", "num_directions", "classifier_width"),
+        "robust": ("epochs", "batch_size", "num_directions", "classifier_width", "advmix_candidates"),
+        "vae": ("z_dim", "channels", "batch_size"),
         "tune": ("num_samples", "train_workers", "cpus_per_worker"),
     }.items():
         for k in keys:
@@ -332,12 +354,24 @@ def validate(cfg: Config) -> None:
         need(getattr(cfg.gan, k) >= 0, f"gan.{k} must be >= 0")
     need(cfg.gan.lr > 0, "gan.lr must be > 0")
     r = cfg.robust
+    from natra_ray.augment import list_methods  # lazy: the method registry imports this module
+
+    need(r.method in list_methods(), f"robust.method {r.method!r} is not a registered augmentation method; "
+                                     f"choose one of: {', '.join(list_methods())}")
     need(r.eps >= 0, f"robust.eps must be >= 0; got {r.eps}")
     need(r.rho >= 0, f"robust.rho must be >= 0; got {r.rho}")
     need(r.eps_cap >= r.eps, f"robust.eps_cap ({r.eps_cap}) must be >= robust.eps ({r.eps})")
     need(r.rho < r.eps_cap, f"robust.rho ({r.rho}) must be smaller than the truncation cap robust.eps_cap ({r.eps_cap})")
     need(r.label_smoothing_c >= 0, "robust.label_smoothing_c must be >= 0")
     need(r.pgd_steps >= 0, "robust.pgd_steps must be >= 0")
+    need(0 <= r.pixel_eps <= 1, f"robust.pixel_eps must be in [0, 1] (images are in [0, 1]); got {r.pixel_eps}")
+    need(r.mixup_alpha > 0, f"robust.mixup_alpha must be > 0 (Beta(a, a) mixing); got {r.mixup_alpha}")
+    for k in ("classic_rotation_deg", "classic_shear_deg", "classic_translate", "classic_brightness"):
+        need(getattr(r, k) >= 0, f"robust.{k} must be >= 0 (a +- range); got {getattr(r, k)}")
+    need(0 <= r.classic_scale < 1, f"robust.classic_scale must be in [0, 1) (zoom in [1 - s, 1 + s]); got {r.classic_scale}")
+    need(0 <= r.classic_contrast < 1, f"robust.classic_contrast must be in [0, 1); got {r.classic_contrast}")
+    need(r.advmix_split >= -1, f"robust.advmix_split must be >= 0, or -1 for num_ws // 2; got {r.advmix_split}")
+    need(cfg.vae.steps >= 0 and cfg.vae.lr > 0, "vae.steps must be >= 0 and vae.lr > 0")
     need(cfg.directions.num_directions >= r.num_directions,
          f"robust.num_directions ({r.num_directions}) exceeds directions.num_directions "
          f"({cfg.directions.num_directions}) - cannot attack along directions that were not estimated")
