@@ -8,12 +8,12 @@ from typing import Any, List
 
 from torch import nn
 
-from natra_ray.models import classifiers, discriminator, encoder, generator  # noqa: F401  (registration)
+from natra_ray.models import classifiers, discriminator, encoder, generator, vae  # noqa: F401  (registration)
 from natra_ray.models.generator import Generator, from_unit, to_unit
-from natra_ray.models.registries import CLASSIFIERS, DISCRIMINATORS, ENCODERS, GENERATORS
+from natra_ray.models.registries import CLASSIFIERS, DISCRIMINATORS, ENCODERS, GENERATORS, VAES
 
 REGISTRIES = {"generator": GENERATORS, "discriminator": DISCRIMINATORS,
-              "encoder": ENCODERS, "classifier": CLASSIFIERS}
+              "encoder": ENCODERS, "classifier": CLASSIFIERS, "vae": VAES}
 
 
 def create_model(kind: str, name: str, **kwargs: Any) -> nn.Module:
