@@ -33,6 +33,9 @@ class Augmented:
     x: Tensor  # (B', C, H, W) in [0, 1]
     target: Tensor  # (B', num_classes) soft labels, rows sum to 1
     info: Dict[str, float] = field(default_factory=dict)  # per-batch diagnostics for logging
+    # Keyword arguments of the training forward pass, model(x, **forward_kwargs): empty for
+    # methods that only make inputs; manifold_mixup mixes hidden states (mix_layer, mix_fn).
+    forward_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,7 +52,9 @@ Method = Callable[[AugmentContext, Batch], Augmented]
 METHODS: Registry[Augmented] = Registry("augmentation method")
 
 # Methods that need the generator, encoder codes and directions (the upstream NaTra stages).
-LATENT_METHODS = {"natra", "natra_ol", "natra_oa", "random_latent", "gan_mixup", "natra+classic"}
+LATENT_METHODS = {"natra", "natra_ol", "natra_oa", "random_latent", "gan_mixup", "natra+classic", "advmix"}
+# Methods that need a VAE trained on the data, handed over as AugmentContext.extra["vae"].
+VAE_METHODS = {"vae_mixup"}
 
 
 def needs_latent(name: str) -> bool:
@@ -74,4 +79,4 @@ def list_methods() -> List[str]:
 
 
 # Registration happens on import of the method modules.
-from natra_ray.augment import basic, latent  # noqa: E402,F401
+from natra_ray.augment import basic, latent, pixel, mix, advmix  # noqa: E402,F401

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from natra_ray.attacks import _eval_mode, latent_pgd
 from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment.basic import classic_augment
 from natra_ray.models.generator import Generator, to_unit
 from natra_ray.models.latent import Directions, lce_decode
 
@@ -129,7 +130,22 @@ def natra_oa(ctx: AugmentContext, batch: Batch) -> Augmented:
 def natra_ol(ctx: AugmentContext, batch: Batch) -> Augmented:
     """NaTra without LCE: the pipeline builds its codes with one code per image (plain
     inversion, ``lce_codes_for``), the attack itself is unchanged."""
+    src = ctx.latent
+    if src is not None and src.ws.shape[1] != 1:
+        raise ValueError(f"natra_ol (NaTra without LCE) needs one latent code per image but the latent source "
+                         f"has {src.ws.shape[1]}; build its codes with lce_codes_for('natra_ol', ...) = 1")
     return _natra(ctx, batch, apt=ctx.cfg.apt)
+
+
+@METHODS.register("natra+classic")
+def natra_classic(ctx: AugmentContext, batch: Batch) -> Augmented:
+    """NaTra on top of the usual augmentation: the clean half of NaTra's batch goes through
+    ``classic`` (as a data loader's transform would), the worst natural transformations are
+    NaTra's own (they are searched from the image's latent code, which a pixel warp has not)."""
+    out = _natra(ctx, batch, apt=ctx.cfg.apt)
+    b = batch.x.shape[0]
+    out.x = torch.cat([classic_augment(out.x[:b], ctx.cfg, ctx.generator), out.x[b:]])
+    return out
 
 
 @METHODS.register("random_latent")

@@ -104,15 +104,17 @@ def make_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torc
 
 
 def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Optional[LatentSource],
-                generator: torch.Generator, batches: Optional[Callable[[], Any]] = None) -> Dict[str, float]:
+                generator: torch.Generator, batches: Optional[Callable[[], Any]] = None,
+                extra: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """One epoch of ``robust.method`` over ``data`` (or over the ``batches()`` iterator of
-    ``Batch`` objects, which is how the Ray Data stream feeds a Train worker)."""
+    ``Batch`` objects, which is how the Ray Data stream feeds a Train worker). ``extra`` holds
+    the models a method needs besides the latent source (``{"vae": ...}`` for vae_mixup)."""
     r = cfg.robust
     method = create_method(r.method)
     model, dev = state.model, next(state.model.parameters()).device
     # Attacks run on the bare module: under DDP, a forward through the wrapper whose backward
     # never reaches the parameters (gradients w.r.t. the input only) would desync its reducer.
-    ctx = AugmentContext(getattr(model, "module", model), r, len(data.class_names), generator, latent)
+    ctx = AugmentContext(getattr(model, "module", model), r, len(data.class_names), generator, latent, dict(extra or {}))
     if batches is None:
         perm = torch.randperm(len(data), generator=generator)
 
@@ -125,7 +127,7 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
     t0, n, total, infos = time.time(), 0, 0.0, {}
     for b in batches():
         aug = method(ctx, b)
-        loss = soft_cross_entropy(model(aug.x.to(dev)), aug.target.to(dev)).mean()
+        loss = soft_cross_entropy(model(aug.x.to(dev), **aug.forward_kwargs), aug.target.to(dev)).mean()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(
                 f"classifier loss became {float(loss.detach())} in epoch {state.epoch + 1} "
@@ -163,7 +165,8 @@ class RobustArtifacts:
 
 def run(cfg: Config, train: ImageDataset, val: ImageDataset, out_dir: str | Path,
         latent: Optional[LatentSource] = None, val_latent: Optional[LatentSource] = None,
-        report: Reporter = null_reporter, device: torch.device | None = None) -> RobustArtifacts:
+        report: Reporter = null_reporter, device: torch.device | None = None,
+        extra: Optional[Dict[str, Any]] = None) -> RobustArtifacts:
     """Train ``robust.method`` for ``robust.epochs`` and save the classifier checkpoint."""
     out_dir = Path(out_dir)
     device = device or (latent.device if latent is not None else torch.device("cpu"))
@@ -174,7 +177,7 @@ def run(cfg: Config, train: ImageDataset, val: ImageDataset, out_dir: str | Path
     state = make_state(cfg, num_classes, steps, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     while state.epoch < cfg.robust.epochs:
-        m = train_epoch(cfg, state, train, latent, gen)
+        m = train_epoch(cfg, state, train, latent, gen, extra=extra)
         m.update(validate(cfg, state.model, val, val_latent))
         state.history.append(m)
         report(m)
