@@ -92,6 +92,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     if latent is not None:
         latent.G.to(device)
     val_latent = pipeline.latent_source(cfg, up, codes["val"], cfg.robust.eps)
+    extra = pipeline.load_method_extra(config.get("extra_paths", {}), device)  # e.g. the VAE of vae_mixup
     train = splits["train"]
     steps = len(train) // cfg.robust.batch_size
     state = robust.make_state(cfg, len(train.class_names), steps, device)
@@ -119,7 +120,8 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
 
     while state.epoch < cfg.robust.epochs:
         eps_before = latent.eps.clone() if latent is not None else None
-        m = robust.train_epoch(cfg, state, train, latent, gen, stream_batches if shard is not None else memory_batches)
+        m = robust.train_epoch(cfg, state, train, latent, gen, stream_batches if shard is not None else memory_batches,
+                               extra=extra)
         if latent is not None and world > 1:
             # Each example is seen by exactly one worker per epoch: summing the budget changes
             # gives every worker the same APT state.

@@ -114,7 +114,8 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
         code_paths = {k: str(pipeline.codes_path(cfg, up, rootp, k, splits[k], n_codes)) for k in CODES_SPLITS}
         test_codes = pipeline.lce.LatentCodes.load(code_paths["test"])
         paths = {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
-                 "directions_path": str(up.directions_path), "codes_paths": code_paths}
+                 "directions_path": str(up.directions_path), "codes_paths": code_paths,
+                 "extra_paths": {k: str(v) for k, v in pipeline.method_extra_paths(cfg, rootp, splits["train"]).items()}}
         datasets = None
         if cfg.tune.data_stream:
             datasets = {"train": rdata.training_stream(splits["train"], cfg.to_dict(), up.generator_path,

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from natra_ray import cache
-from natra_ray.augment import needs_latent
+from natra_ray.augment import VAE_METHODS, needs_latent
 from natra_ray.augment.latent import LatentSource, lce_codes_for
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset, load_dataset
@@ -27,6 +27,7 @@ from natra_ray.losses import Perceptual
 from natra_ray.models.latent import Directions, resolve_layer_range
 from natra_ray.runtime import Reporter, null_reporter, resolve_device
 from natra_ray.stages import bies, directions, evaluate, gan, lce, robust
+from natra_ray.stages import vae as vae_stage
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,27 @@ def load_splits(cfg: Config) -> Dict[str, ImageDataset]:
             "test": load_dataset(cfg.data, "test", seed=UPSTREAM_SEED)}
 
 
+def method_extra_paths(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter) -> Dict[str, Path]:
+    """Files of the models ``robust.method`` needs besides the latent source, each trained once
+    per (training data, its config section) and cached: ``{"vae": .../vae.pt}`` for vae_mixup."""
+    if cfg.robust.method not in VAE_METHODS:
+        return {}
+    d = cfg.to_dict()
+    key = _hash({"data": {k: v for k, v in d["data"].items() if k not in _NOT_TRAINING_DATA},
+                 "vae": d["vae"], "seed": UPSTREAM_SEED})
+
+    def produce(out: Path) -> Dict[str, Any]:
+        return vae_stage.run(_upstream_cfg(cfg), train, out, report, device=resolve_device(cfg.device)).metrics
+
+    return {"vae": cache.cached(Path(root) / "cache", "vae", key, produce, meta={"vae": d["vae"]}) / "vae.pt"}
+
+
+def load_method_extra(paths: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """The models of ``method_extra_paths`` on ``device``: what ``AugmentContext.extra`` holds."""
+    loaders = {"vae": vae_stage.load_vae}
+    return {k: loaders[k](p).to(device) for k, p in paths.items()}
+
+
 def run_trial(cfg: Config, root: Path, out_dir: Path, report: Reporter = null_reporter,
               splits: Optional[Dict[str, ImageDataset]] = None, up: Optional[Upstream] = None) -> Dict[str, Any]:
     """One classifier: train ``robust.method``, then the evaluation suite. Returns metrics."""
@@ -157,9 +179,13 @@ def run_trial(cfg: Config, root: Path, out_dir: Path, report: Reporter = null_re
     n_eval = min(len(splits["test"]), cfg.eval.max_examples)
     test_src = dataclasses.replace(src["test"], ws=src["test"].ws[:n_eval], alpha=src["test"].alpha[:n_eval])
     val_src = src["val"]
+    extra_paths = method_extra_paths(cfg, root, splits["train"], report)
+    for p in extra_paths.values():
+        metrics.update({k: v for k, v in cache.read_manifest(p.parent)["summary"].items() if isinstance(v, (int, float))})
     art = robust.run(cfg, splits["train"], splits["val"], out_dir,
                      latent=src["train"] if needs_latent(cfg.robust.method) else None,
-                     val_latent=val_src, report=report, device=resolve_device(cfg.device))
+                     val_latent=val_src, report=report, device=resolve_device(cfg.device),
+                     extra=load_method_extra(extra_paths, resolve_device(cfg.device)))
     metrics.update(art.history[-1])
     metrics.update(evaluate.run(cfg, art.model, splits["test"], test_src, out_dir))
     metrics["trial_seconds"] = time.time() - t0
