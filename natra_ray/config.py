@@ -177,6 +177,10 @@ class TuneConfig:
     asha_grace_period: int = 1
     train_workers: int = 1
     cpus_per_worker: int = 1
+    # The upstream stages (GAN, BIES) run before any trial, as their own TorchTrainer jobs:
+    # workers x CPUs each; 0 CPUs = a whole node's (at most 8), one torch thread per CPU.
+    upstream_workers: int = 1
+    upstream_cpus_per_worker: int = 0
     # Logical CPUs reserved for each trial's driver (it mostly waits on its TorchTrainer) and
     # for the Ray Data actor that decodes latent codes. Tune -> Train -> Data reserve CPUs at
     # every level; counting 1 for each would need 3 CPUs per trial and deadlock a 2-core box.
@@ -345,7 +349,7 @@ def validate(cfg: Config) -> None:
         "directions": ("num_samples", "num_directions"),
         "robust": ("epochs", "batch_size", "num_directions", "classifier_width", "advmix_candidates"),
         "vae": ("z_dim", "channels", "batch_size"),
-        "tune": ("num_samples", "train_workers", "cpus_per_worker"),
+        "tune": ("num_samples", "train_workers", "cpus_per_worker", "upstream_workers"),
     }.items():
         for k in keys:
             v = getattr(getattr(cfg, sec), k)

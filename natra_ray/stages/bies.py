@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 REPORT_EVERY = 25  # steps between report() calls (every step goes to ``history`` if given)
 HELDOUT_SIZE = 64  # fixed held-out batch for the before/after-shift metrics and the grid
 GRID_IMAGES = 8  # columns of the reconstruction grid
+
+GradSync = Callable[[nn.Module], None]  # called between backward and step (data-parallel workers)
+Shard = Tuple[int, int]  # (rank, world): this worker's slice of every batch
+
+
+def _no_sync(module: nn.Module) -> None:
+    return None
 
 
 # --------------------------------------------------------------------------- models
@@ -106,12 +113,16 @@ def mixed_ws(G: Generator, n: int, mixing_prob: float, gen: torch.Generator) -> 
 # --------------------------------------------------------------------------- stage parts
 def train_encoder(cfg: Config, G: Generator, data: ImageDataset, report: Reporter = null_reporter,
                   *, perceptual: Optional[nn.Module] = None,
-                  history: Optional[List[Dict[str, float]]] = None) -> nn.Module:
+                  history: Optional[List[Dict[str, float]]] = None,
+                  grad_sync: GradSync = _no_sync, shard: Shard = (0, 1)) -> nn.Module:
     """Train an encoder into G's W+ with G frozen (G is set to eval / no-grad in place).
 
     ``perceptual`` defaults to ``Perceptual.from_config(cfg.encoder)`` when gamma2 > 0.
     ``history`` (optional) receives one dict of losses per step.
+    Data-parallel use (the Ray Train worker): every worker draws the same seeded batch and
+    keeps its ``shard`` of it; ``grad_sync`` averages the gradients before each step.
     """
+    rank, world = shard
     e = cfg.encoder
     _check_data(G, data)
     G.eval().requires_grad_(False)
@@ -127,18 +138,20 @@ def train_encoder(cfg: Config, G: Generator, data: ImageDataset, report: Reporte
     for step in range(1, e.steps + 1):
         # (a) Eq. 8 on generated images: the generator is the teacher, its codes the labels.
         with torch.no_grad():
-            w_true = mixed_ws(G, e.batch_size, cfg.gan.style_mixing, gen)  # (B, num_ws, w_dim)
+            w_true = mixed_ws(G, e.batch_size, cfg.gan.style_mixing, gen)[rank::world]  # (B, num_ws, w_dim)
             x_gen = to_unit(G.synthesis(w_true))  # (B, C, H, W) in [0, 1] like the data
         l_lat = e.latent_weight * latent_loss(w_true, E(x_gen))
         opt.zero_grad(set_to_none=True)
         l_lat.backward()
+        grad_sync(E)
         opt.step()
         # (b) Eq. 9 on real images: gradients pass through the frozen G into E.
-        x = data.images[next(batches)].to(dev)
+        x = data.images[next(batches)[rank::world]].to(dev)
         total, parts = image_loss(x, unit(G.synthesis(E(x))), perceptual, e.gamma1, e.gamma2)
         l_img = total.mean()
         opt.zero_grad(set_to_none=True)
         l_img.backward()
+        grad_sync(E)
         opt.step()
 
         rec = {"latent_loss": finite_or_raise(l_lat.item(), f"BIES Eq. 8 loss at step {step}", hint),
@@ -157,13 +170,15 @@ def train_encoder(cfg: Config, G: Generator, data: ImageDataset, report: Reporte
 
 def shift_generator(cfg: Config, G: Generator, E: nn.Module, data: ImageDataset,
                     report: Reporter = null_reporter, *, perceptual: Optional[nn.Module] = None,
-                    history: Optional[List[Dict[str, float]]] = None) -> Generator:
+                    history: Optional[List[Dict[str, float]]] = None,
+                    grad_sync: GradSync = _no_sync, shard: Shard = (0, 1)) -> Generator:
     """Eq. 10: fine-tune a copy of G on ``data`` with the encoder frozen; G is left untouched.
 
     Each image's code E(x) is fixed (no grad); only the generator's weights move, which drags
     the nearest point of its manifold toward the target image.
     """
     e = cfg.encoder
+    rank, world = shard
     _check_data(G, data)
     dev = _device_of(G)
     if perceptual is None and e.gamma2 > 0:
@@ -178,13 +193,14 @@ def shift_generator(cfg: Config, G: Generator, E: nn.Module, data: ImageDataset,
     hint = "lower encoder.shift_lr"
     window: List[Dict[str, float]] = []
     for step in range(1, e.shift_steps + 1):
-        x = data.images[next(batches)].to(dev)
+        x = data.images[next(batches)[rank::world]].to(dev)
         with torch.no_grad():
             w = E(x)  # (B, num_ws, w_dim), fixed per image
         total, parts = image_loss(x, unit(Gs.synthesis(w)), perceptual, e.gamma1, e.gamma2)
         loss = total.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_sync(Gs)
         opt.step()
         rec = {"image_loss": finite_or_raise(loss.item(), f"shift (Eq. 10) loss at step {step}", hint),
                **{k: float(v.mean()) for k, v in parts.items()}}
@@ -233,8 +249,24 @@ class BiesArtifacts:
     metrics: Dict[str, float] = field(default_factory=dict)
 
 
+# (G, training part of the data) -> (encoder, shifted generator, {"bies_encoder_seconds": ..,
+# "bies_shift_seconds": ..}). The default fits in this process; the Ray layer passes one that
+# runs the same two functions data-parallel in a TorchTrainer.
+Fit = Callable[[Generator, ImageDataset], Tuple[nn.Module, Generator, Dict[str, float]]]
+
+
+def fit_in_process(cfg: Config, report: Reporter = null_reporter, perceptual: Optional[nn.Module] = None) -> Fit:
+    def fit(G: Generator, train: ImageDataset) -> Tuple[nn.Module, Generator, Dict[str, float]]:
+        t0 = time.time()
+        E = train_encoder(cfg, G, train, report, perceptual=perceptual)
+        t1 = time.time()
+        Gs = shift_generator(cfg, G, E, train, report, perceptual=perceptual)
+        return E, Gs, {"bies_encoder_seconds": t1 - t0, "bies_shift_seconds": time.time() - t1}
+    return fit
+
+
 def run(cfg: Config, generator_path: str | Path, data: ImageDataset, out_dir: str | Path,
-        report: Reporter = null_reporter) -> BiesArtifacts:
+        report: Reporter = null_reporter, fit: Optional[Fit] = None) -> BiesArtifacts:
     """Train the encoder, shift the generator; write ``encoder.pt``, ``generator_shifted.pt``
     and ``recon.png`` (rows: originals / before shift / after shift) into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -246,14 +278,10 @@ def run(cfg: Config, generator_path: str | Path, data: ImageDataset, out_dir: st
     train, held = split_heldout(data, cfg.seed)
     x_h = held.images.to(dev)
 
-    t0 = time.time()
-    E = train_encoder(cfg, G, train, report, perceptual=perceptual)
-    t_enc = time.time() - t0
+    E, Gs, times = (fit or fit_in_process(cfg, report, perceptual))(G, train)
+    E, Gs = E.to(dev).eval().requires_grad_(False), Gs.to(dev).eval().requires_grad_(False)
     before = recon_error(G, E, x_h, perceptual)
     rec_before = reconstruct(G, E, x_h[:GRID_IMAGES])
-    t0 = time.time()
-    Gs = shift_generator(cfg, G, E, train, report, perceptual=perceptual)
-    t_shift = time.time() - t0
     after = recon_error(Gs, E, x_h, perceptual)
     rec_after = reconstruct(Gs, E, x_h[:GRID_IMAGES])
 
@@ -269,7 +297,7 @@ def run(cfg: Config, generator_path: str | Path, data: ImageDataset, out_dir: st
     metrics = {**{f"bies_recon_{k}_before_shift": v for k, v in before.items()},
                **{f"bies_recon_{k}_after_shift": v for k, v in after.items()},
                "lpips_pretrained": float(perceptual.pretrained),
-               "bies_encoder_seconds": t_enc, "bies_shift_seconds": t_shift,
+               **times,
                "bies_heldout_images": float(len(held))}
     report(metrics)
     log.info("BIES done: held-out MSE %.4f -> %.4f after shifting (LPIPS pretrained: %s)",

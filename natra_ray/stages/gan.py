@@ -220,8 +220,54 @@ class GanArtifacts:
     metrics: Dict[str, float] = field(default_factory=dict)
 
 
+# out_dir -> (trained GanTrainer, metrics). The default trains in this process; the Ray layer
+# passes one that runs the same GanTrainer data-parallel in a TorchTrainer.
+Fit = Callable[[Path], "tuple[GanTrainer, Dict[str, float]]"]
+
+
+def fixed_z(cfg: Config, z_dim: int) -> torch.Tensor:
+    """The 64 latents every sample grid of a run shows (so grids are comparable over steps)."""
+    return torch.randn(64, z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def train_in_process(cfg: Config, data: ImageDataset, out_dir: Path, report: Reporter = null_reporter,
+                     trainer: Optional[GanTrainer] = None) -> "tuple[GanTrainer, Dict[str, float]]":
+    """The GAN loop: seeded epochs over ``data``, a grid every ``gan.sample_every`` steps."""
+    g = cfg.gan
+    tr = trainer or GanTrainer(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    z_fixed = fixed_z(cfg, tr.G.z_dim)
+    n = len(data)
+    if n < g.batch_size:
+        raise ValueError(f"the dataset has {n} images, fewer than gan.batch_size={g.batch_size}")
+    t0, last = time.time(), {}
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+    while tr.step < g.steps:
+        if cursor + g.batch_size > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        real = data.images[perm[cursor:cursor + g.batch_size]]
+        cursor += g.batch_size
+        last = tr.train_step(real)
+        check_finite(last, tr.step, out_dir)
+        if tr.step % 50 == 0 or tr.step == g.steps:
+            report({**last, "step": tr.step, "images_per_s": tr.images_seen / (time.time() - t0)})
+        if g.sample_every and (tr.step % g.sample_every == 0 or tr.step == g.steps):
+            save_grid(tr.samples(z_fixed), out_dir / "samples" / f"step_{tr.step:06d}.png", nrow=8)
+            log.info("gan step %d/%d %s (%.0f s)", tr.step, g.steps,
+                     " ".join(f"{k}={v:.3f}" for k, v in last.items()), time.time() - t0)
+    return tr, {**{f"gan_{k}": v for k, v in last.items()}, "gan_seconds": time.time() - t0}
+
+
+def check_finite(losses: Dict[str, float], step: int, out_dir: Path) -> None:
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(
+            f"GAN losses diverged at step {step}: {losses}; lower gan.lr or raise gan.r1_gamma "
+            f"(samples so far are in {out_dir / 'samples'})")
+
+
 def run(cfg: Config, data: ImageDataset, out_dir: str | Path, report: Reporter = null_reporter,
-        trainer: Optional[GanTrainer] = None) -> GanArtifacts:
+        trainer: Optional[GanTrainer] = None, fit: Optional[Fit] = None) -> GanArtifacts:
     """Pretrain (or load) the generator; writes ``generator.pt`` and sample grids to out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,33 +282,12 @@ def run(cfg: Config, data: ImageDataset, out_dir: str | Path, report: Reporter =
         log.info("loaded external generator %s (no pretraining)", g.checkpoint)
         return GanArtifacts(path, [grid], {})
 
-    tr = trainer or GanTrainer(cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    z_fixed = torch.randn(64, tr.G.z_dim, generator=gen)
-    n = len(data)
-    if n < g.batch_size:
-        raise ValueError(f"the dataset has {n} images, fewer than gan.batch_size={g.batch_size}")
-    grids: List[Path] = []
-    t0, last = time.time(), {}
-    perm = torch.randperm(n, generator=gen)
-    cursor = 0
-    while tr.step < g.steps:
-        if cursor + g.batch_size > n:
-            perm, cursor = torch.randperm(n, generator=gen), 0
-        real = data.images[perm[cursor:cursor + g.batch_size]]
-        cursor += g.batch_size
-        last = tr.train_step(real)
-        if not all(math.isfinite(v) for v in last.values()):
-            raise FloatingPointError(
-                f"GAN losses diverged at step {tr.step}: {last}; lower gan.lr or raise gan.r1_gamma "
-                f"(samples so far are in {out_dir / 'samples'})")
-        if tr.step % 50 == 0 or tr.step == g.steps:
-            report({**last, "step": tr.step, "images_per_s": tr.images_seen / (time.time() - t0)})
-        if g.sample_every and (tr.step % g.sample_every == 0 or tr.step == g.steps):
-            grids.append(save_grid(tr.samples(z_fixed), out_dir / "samples" / f"step_{tr.step:06d}.png", nrow=8))
-            log.info("gan step %d/%d %s (%.0f s)", tr.step, g.steps,
-                     " ".join(f"{k}={v:.3f}" for k, v in last.items()), time.time() - t0)
-    grids.append(save_grid(tr.samples(z_fixed), out_dir / "samples" / "final.png", nrow=8))
+    if fit is not None:
+        tr, metrics = fit(out_dir)
+    else:
+        tr, metrics = train_in_process(cfg, data, out_dir, report, trainer)
+    tr.G_ema.to("cpu")
+    save_grid(to_unit(tr.G_ema(fixed_z(cfg, tr.G.z_dim))), out_dir / "samples" / "final.png", nrow=8)
     path = tr.save_generator(out_dir / "generator.pt", cfg.to_dict())
-    metrics = {**{f"gan_{k}": v for k, v in last.items()}, "gan_seconds": time.time() - t0}
+    grids = sorted((out_dir / "samples").glob("step_*.png")) + [out_dir / "samples" / "final.png"]
     return GanArtifacts(path, grids, metrics)

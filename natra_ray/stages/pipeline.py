@@ -14,12 +14,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from natra_ray import cache
 from natra_ray.augment import VAE_METHODS, needs_latent
+from natra_ray.augment.cvae import needs_cvae
 from natra_ray.augment.latent import LatentSource, lce_codes_for
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset, load_dataset
@@ -27,6 +28,7 @@ from natra_ray.losses import Perceptual
 from natra_ray.models.latent import Directions, resolve_layer_range
 from natra_ray.runtime import Reporter, null_reporter, resolve_device
 from natra_ray.stages import bies, directions, evaluate, gan, lce, robust
+from natra_ray.stages import cvae as cvae_stage
 from natra_ray.stages import vae as vae_stage
 
 log = logging.getLogger(__name__)
@@ -69,19 +71,25 @@ def _upstream_cfg(cfg: Config) -> Config:
     return cfg.replace(seed=UPSTREAM_SEED)
 
 
-def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter) -> Upstream:
-    """GAN, BIES + shift and directions, each computed once per upstream config."""
+def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter,
+                     gan_fit: Optional[Callable[[Config], gan.Fit]] = None,
+                     bies_fit: Optional[Callable[[Config], bies.Fit]] = None) -> Upstream:
+    """GAN, BIES + shift and directions, each computed once per upstream config.
+
+    ``gan_fit`` / ``bies_fit`` replace the in-process training loops (the Ray layer passes
+    TorchTrainer-backed ones); caching, checkpoints and grids stay here either way."""
     ucfg, keys, croot = _upstream_cfg(cfg), upstream_keys(cfg), Path(root) / "cache"
     croot.mkdir(parents=True, exist_ok=True)
     d = cfg.to_dict()
 
     def gan_stage(out: Path) -> Dict[str, Any]:
-        return gan.run(ucfg, train, out, report).metrics
+        return gan.run(ucfg, train, out, report, fit=gan_fit(ucfg) if gan_fit else None).metrics
 
     gan_dir = cache.cached(croot, "gan", keys["gan"], gan_stage, meta={"data": d["data"], "gan": d["gan"]})
 
     def bies_stage(out: Path) -> Dict[str, Any]:
-        return bies.run(ucfg, gan_dir / "generator.pt", train, out, report).metrics
+        return bies.run(ucfg, gan_dir / "generator.pt", train, out, report,
+                        fit=bies_fit(ucfg) if bies_fit else None).metrics
 
     bies_dir = cache.cached(croot, "bies", keys["bies"], bies_stage, meta={"encoder": _lce_free(d["encoder"])})
 
@@ -143,9 +151,26 @@ def load_splits(cfg: Config) -> Dict[str, ImageDataset]:
             "test": load_dataset(cfg.data, "test", seed=UPSTREAM_SEED)}
 
 
+def cvae_path(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter) -> Path:
+    """The CVAE behind ``robust.method=cvae`` (paper 001), trained on bundles of ``train`` once per
+    (training data, ``cvae`` section) and cached; its manifest holds the held-out closure metrics."""
+    d = cfg.to_dict()
+    key = _hash({"data": {k: v for k, v in d["data"].items() if k not in _NOT_TRAINING_DATA},
+                 "cvae": d["cvae"], "seed": UPSTREAM_SEED})
+
+    def produce(out: Path) -> Dict[str, Any]:
+        ucfg = _upstream_cfg(cfg)
+        pairs = cvae_stage.build_pairs(ucfg, train.images)
+        return cvae_stage.run(ucfg, pairs, out, report, device=resolve_device(cfg.device)).metrics
+
+    return cache.cached(Path(root) / "cache", "cvae", key, produce, meta={"cvae": d["cvae"]}) / "cvae.pt"
+
+
 def method_extra_paths(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter) -> Dict[str, Path]:
     """Files of the models ``robust.method`` needs besides the latent source, each trained once
     per (training data, its config section) and cached: ``{"vae": .../vae.pt}`` for vae_mixup."""
+    if needs_cvae(cfg.robust.method):
+        return {"cvae": cvae_path(cfg, root, train, report)}
     if cfg.robust.method not in VAE_METHODS:
         return {}
     d = cfg.to_dict()
@@ -160,7 +185,7 @@ def method_extra_paths(cfg: Config, root: Path, train: ImageDataset, report: Rep
 
 def load_method_extra(paths: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """The models of ``method_extra_paths`` on ``device``: what ``AugmentContext.extra`` holds."""
-    loaders = {"vae": vae_stage.load_vae}
+    loaders = {"vae": vae_stage.load_vae, "cvae": cvae_stage.load_cvae}
     return {k: loaders[k](p).to(device) for k, p in paths.items()}
 
 
