@@ -201,6 +201,23 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    """``jobs/benchmark.py``: every method x seed on the same data, classifier and budget.
+    The budget fields shrink only the classifier runs; the upstream (GAN, encoder, directions)
+    is the profile's own, so the benchmark reuses the cache of the main job."""
+
+    name: str = "benchmark"  # results under <storage>/benchmarks/<name>/
+    methods: Tuple[str, ...] = ()  # () = every registered augmentation method
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    epochs: int = 0  # classifier epochs per run; 0 = robust.epochs
+    train_examples: int = 0  # first N images of the train split; 0 = all
+    val_examples: int = 0  # first N of the val split (val metrics each epoch); 0 = all
+    eval_examples: int = 0  # test images for the costly attacks; 0 = eval.max_examples
+    cpus_per_task: float = 1.0  # one method x seed task (and as many torch threads)
+    gpus_per_task: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str = "cpu"
     seed: int = 0
@@ -215,6 +232,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict (tuples become lists): feeds YAML, MLflow params and Tune."""
@@ -381,6 +399,11 @@ def validate(cfg: Config) -> None:
          f"({cfg.directions.num_directions}) - cannot attack along directions that were not estimated")
     need(cfg.eval.natural_eps >= 0, "eval.natural_eps must be >= 0")
     need(all(1 <= v <= 5 for v in cfg.eval.severities), "eval.severities must lie in 1..5")
+    b = cfg.benchmark
+    need(len(b.seeds) >= 1, "benchmark.seeds must list at least one seed")
+    for k in ("epochs", "train_examples", "val_examples", "eval_examples"):
+        need(getattr(b, k) >= 0, f"benchmark.{k} must be >= 0 (0 = the profile's own value)")
+    need(b.cpus_per_task > 0 and b.gpus_per_task >= 0, "benchmark.cpus_per_task must be > 0, gpus_per_task >= 0")
 
 
 # --------------------------------------------------------------------------- loading
