@@ -802,8 +802,29 @@ def load_classifier(model_uri: str, uri: Optional[str] = None, map_location: Any
     return model.eval()
 
 
+def fetch_trial_files(uri: str, run_id: str, dst: str | os.PathLike) -> Dict[str, Any]:
+    """What the direction explorer needs from a trial's run: downloads its ``classifier.pt`` into
+    ``dst`` and returns ``{"classifier": path, "upstream": [cache entry names], "params": {...}}``;
+    the upstream names are the folders the trial logged its GAN / BIES / directions previews under
+    (``upstream/<stage>-<key>/``), i.e. the cache entries holding its generator, encoder and
+    directions."""
+    uri = validate_tracking_uri(uri)
+    client = _client(uri)
+    run = _retry(lambda: client.get_run(run_id), f"fetch run {run_id}")
+    listed = _retry(lambda: client.list_artifacts(run_id, "upstream"), f"list the artifacts of run {run_id}")
+    top = {posixpath.basename(a.path) for a in _retry(lambda: client.list_artifacts(run_id), f"list run {run_id}")}
+    if "classifier.pt" not in top:
+        raise TrackingError(f"MLflow run {run_id} has no classifier.pt artifact (is it a finished trial run? "
+                            f"its artifacts: {', '.join(sorted(top)) or 'none'})")
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    path = _retry(lambda: client.download_artifacts(run_id, "classifier.pt", str(dst)),
+                  f"download classifier.pt of run {run_id}")
+    return {"classifier": Path(path), "upstream": sorted(posixpath.basename(a.path) for a in listed if a.is_dir),
+            "params": dict(run.data.params), "experiment_id": run.info.experiment_id}
+
+
 __all__ = [
     "TrackingError", "SUPPORTED_SCHEMES", "resolve_tracking_uri", "validate_tracking_uri", "check_tracking",
     "experiment_name", "default_artifact_root", "ensure_experiment", "SweepTracker", "TrialTracker",
-    "register_best", "load_classifier", "open_ui_command", "sanitize_key",
+    "register_best", "load_classifier", "open_ui_command", "sanitize_key", "fetch_trial_files",
 ]
