@@ -1,0 +1,237 @@
+"""Benchmark 1: cost of a NaTra training step vs a standard step (same classifier, same batch).
+
+For each row the script runs the *actual* training step (``stages.robust.train_epoch`` fed a
+single batch, so the method, the attack, the loss, backward and the optimiser step are exactly
+what training runs) and reports
+
+* the measured time ratio (median of per-round paired ratios, steps interleaved A B A B ...);
+* the FLOP-implied ratio: ``torch.utils.flop_counter.FlopCounterMode`` around one real step
+  of each kind (matmul/conv FLOPs, forward + backward + attack);
+* the "minimal" FLOP-implied ratio: K latent-PGD gradient steps through generator +
+  classifier plus the clean+adversarial training step, each counted the same way; the
+  difference to the full count is work the step does beyond that (the gradient-free scoring
+  of the last PGD iterate, the re-decode of the winner, the APT "fooled?" forward);
+* achieved FLOP/s against this machine's measured fp32 matmul peak (torch.mm, 1 and 2 threads);
+* what re-encoding the batch every step (encoder + LCE refinement) would cost, against the
+  cached-codes lookup the pipeline uses.
+
+Sizes are the ``cpu`` profile's; weights are random (speed does not depend on them).
+
+    .venv/bin/python bench/bench_step.py --quick     # < 2 min
+    .venv/bin/python bench/bench_step.py             # full: K in {1,2,3} x codes in {1,2}
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+from natra_ray.augment import Batch  # noqa: E402
+from natra_ray.config import Config, load_config  # noqa: E402
+from natra_ray.stages import robust  # noqa: E402
+
+N_ITEMS = 2048  # latent codes held (the lookup cost does not depend on it)
+LATENT_MIXUP_RATIO = 104 / 30  # GAN-Mixup vs standard, ms per batch (Latent-Mixup paper, Sec. 3)
+
+
+def step_fn(cfg: Config, src: Any, gen: torch.Generator, batch_size: int) -> Callable[[], Dict[str, float]]:
+    """One real training step of ``cfg.robust.method`` on a fresh random batch per call."""
+    state = robust.make_state(cfg, 10, 100_000, torch.device("cpu"))
+    n = src.ws.shape[0]
+    x = torch.rand(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    y = torch.randint(0, 10, (n,), generator=gen)
+
+    class _Data:  # train_epoch reads only class_names when it is given batches
+        class_names = [str(i) for i in range(10)]
+
+    def run() -> Dict[str, float]:
+        idx = torch.randperm(n, generator=gen)[:batch_size]
+        return robust.train_epoch(cfg, state, _Data(), src, gen, lambda: iter([Batch(x[idx], y[idx], idx)]))
+
+    return run
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def pgd_grad_flops(cfg: Config, src: Any, batch_size: int) -> int:
+    """FLOPs of one latent-PGD gradient evaluation: decode (G) + classify + d loss / d r."""
+    import torch.nn.functional as F
+
+    model = robust.build_classifier(cfg, 10).eval()
+    idx = torch.arange(batch_size)
+    ws, alpha = src.codes(idx)
+    y = torch.zeros(batch_size, dtype=torch.long)
+
+    def one() -> None:
+        r = torch.zeros(batch_size, src.num_directions, requires_grad=True)
+        loss = F.cross_entropy(model(src.decode(ws, alpha, r)), y, reduction="none")
+        torch.autograd.grad(loss.sum(), r)
+
+    return count_flops(one)
+
+
+def forward_flops(cfg: Config, src: Any, batch_size: int) -> Dict[str, int]:
+    """FLOPs of the gradient-free passes a NaTra step makes after its K gradient steps: one
+    decode (G) and one classifier forward, each on ``batch_size`` examples."""
+    model = robust.build_classifier(cfg, 10).eval()
+    idx = torch.arange(batch_size)
+    ws, alpha = src.codes(idx)
+    r = torch.zeros(batch_size, src.num_directions)
+    with torch.no_grad():
+        x = src.decode(ws, alpha, r)
+        return {"decode": count_flops(lambda: src.decode(ws, alpha, r)), "classify": count_flops(lambda: model(x))}
+
+
+def profile_ops(fn: Callable[[], Any], top: int = 10) -> Dict[str, Any]:
+    """Self CPU time per op of one step (torch.profiler), and the share spent in ops that
+    FlopCounterMode counts (convolutions and matmuls) vs everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    counted = ("conv", "mm", "addmm", "bmm", "matmul", "linear")
+    in_counted = sum(r[1] for r in rows if any(c in r[0] for c in counted))
+    return {"total_ms": total, "counted_ops_share": in_counted / max(total, 1e-9),
+            "top": [{"op": k, "self_ms": ms, "share": ms / max(total, 1e-9), "calls": c} for k, ms, c in rows[:top]]}
+
+
+def reencode_cost(cfg: Config, src: Any, batch_size: int, rounds: int) -> Dict[str, Any]:
+    """Seconds to re-encode one batch (BIES encoder + LCE refinement, the cpu profile's steps
+    and codes) vs the cached-code lookup ``LatentSource.codes`` the pipeline does instead."""
+    from natra_ray.losses import Perceptual
+    from natra_ray.stages import bies, lce
+
+    perc = Perceptual.from_config(cfg.encoder)
+    E = bies.build_encoder(cfg, src.G).eval().requires_grad_(False)
+    x = torch.rand(batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    idx = torch.randperm(src.ws.shape[0])[:batch_size]
+    e = cfg.encoder
+    t = benchlib.interleaved({
+        "reencode": lambda: lce.invert(src.G, E, x, e.lce_codes, e.lce_layer, e.lce_steps, e.lce_lr, perc,
+                                       e.gamma1, e.gamma2, noise_scale=0.1),
+        "cached_lookup": lambda: src.codes(idx),
+    }, rounds=rounds)
+    return {k: v.as_dict() for k, v in t.items()} | {"lpips_pretrained": perc.pretrained}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one NaTra configuration, few rounds (< 2 min)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per row (default 4 quick, 10 full)")
+    args = ap.parse_args()
+    info = benchlib.start(1)
+    t_start = time.time()
+    rounds = args.rounds or (4 if args.quick else 10)
+    base = load_config("cpu")
+    B = base.robust.batch_size
+    peak = benchlib.matmul_peak((1, 2), n=2048, reps=3 if args.quick else 5)
+    # (label, method, pgd_steps K, LCE codes N)
+    rows_spec = [("NaTra (cpu profile)", "natra", base.robust.pgd_steps, base.encoder.lce_codes),
+                 ("Random latent edit (1 decode, ~GAN-Mixup)", "random_latent", 0, base.encoder.lce_codes)]
+    if not args.quick:
+        rows_spec = [("NaTra", "natra", k, n) for n in (1, 2) for k in (1, 2, 3)] + rows_spec[1:]
+    results: List[Dict[str, Any]] = []
+    profile = None
+    for label, method, k, n_codes in rows_spec:
+        cfg = base.replace(**{"robust.method": method, "robust.pgd_steps": max(k, 1), "encoder.lce_codes": n_codes})
+        src = benchlib.random_latent_source(cfg, N_ITEMS, n_codes)
+        gen = torch.Generator().manual_seed(0)
+        std_cfg = cfg.replace(**{"robust.method": "none"})
+        std, aug = step_fn(std_cfg, src, gen, B), step_fn(cfg, src, gen, B)
+        f_std, f_aug = count_flops(std), count_flops(aug)
+        timing = benchlib.interleaved({"standard": std, "augmented": aug}, rounds=rounds)
+        measured = benchlib.paired_ratio(timing["augmented"], timing["standard"])
+        row: Dict[str, Any] = {"label": label, "method": method, "K": k if method.startswith("natra") else 0,
+                               "codes": n_codes, "batch": B, "flops_standard": f_std, "flops_augmented": f_aug,
+                               "flop_ratio": f_aug / f_std, "measured_ratio": measured,
+                               "standard": timing["standard"].as_dict(), "augmented": timing["augmented"].as_dict(),
+                               "gflops_standard": f_std / timing["standard"].median / 1e9,
+                               "gflops_augmented": f_aug / timing["augmented"].median / 1e9}
+        if method.startswith("natra"):
+            f_pgd = pgd_grad_flops(cfg, src, B)
+            f_train2b = count_flops(step_fn(std_cfg, src, gen, 2 * B))  # clean + adversarial halves
+            fwd = forward_flops(cfg, src, B)
+            row.update(flops_pgd_grad=f_pgd, flops_train_2b=f_train2b, flops_decode=fwd["decode"],
+                       flops_classify=fwd["classify"],
+                       # what a latent_pgd that kept the best iterate's images would save: the
+                       # re-decode of the winner and the separate "fooled?" classifier forward
+                       avoidable_flops_share=(fwd["decode"] + fwd["classify"]) / f_aug,
+                       flop_ratio_minimal=(k * f_pgd + f_train2b) / f_std,
+                       extra_flops_share=1 - (k * f_pgd + f_train2b) / f_aug)
+            if profile is None:
+                profile = profile_ops(aug)
+        row["overhead_vs_flops"] = measured / row["flop_ratio"]
+        results.append(row)
+        print(f"{label} K={row['K']} N={n_codes}: measured {measured:.2f}x, FLOP-implied {row['flop_ratio']:.2f}x",
+              flush=True)
+    nat_cfg = base
+    reenc = reencode_cost(nat_cfg, benchlib.random_latent_source(nat_cfg, N_ITEMS, nat_cfg.encoder.lce_codes), B,
+                          rounds=2 if args.quick else 4)
+    main_row = results[0] if args.quick else next(r for r in results if r["K"] == base.robust.pgd_steps
+                                                   and r["codes"] == base.encoder.lce_codes)
+    data = {"matmul_peak_gflops": peak, "rows": results, "profile_natra_step": profile, "reencode": reenc,
+            "latent_mixup_gan_mixup_ratio": LATENT_MIXUP_RATIO, "seconds": time.time() - t_start,
+            "rounds": rounds}
+    benchlib.write_results("step", "quick" if args.quick else "full", render(data, main_row, base), data, info)
+
+
+def render(d: Dict[str, Any], main_row: Dict[str, Any], cfg: Config) -> str:
+    peak1 = d["matmul_peak_gflops"][1]
+    head = ["step", "K", "LCE codes", "batch", "standard ms", "step ms", "measured ratio",
+            "FLOP ratio (counted)", "FLOP ratio (K PGD + clean step)", "measured / FLOP ratio",
+            "GFLOP/s (step)", "% of 1-thread peak"]
+    rows = []
+    for r in d["rows"]:
+        rows.append([r["label"], r["K"], r["codes"], r["batch"], 1e3 * r["standard"]["median_s"],
+                     1e3 * r["augmented"]["median_s"], f"{r['measured_ratio']:.2f}x", f"{r['flop_ratio']:.2f}x",
+                     f"{r['flop_ratio_minimal']:.2f}x" if "flop_ratio_minimal" in r else "-",
+                     f"{r['overhead_vs_flops']:.2f}", r["gflops_augmented"], f"{100 * r['gflops_augmented'] / peak1:.0f}%"])
+    out = [benchlib.md_table(head, rows), ""]
+    out.append(f"Matmul peak (torch.mm 2048x2048 fp32, best of reps): "
+               + ", ".join(f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in d["matmul_peak_gflops"].items())
+               + f". Standard step: {d['rows'][0]['gflops_standard']:.1f} GFLOP/s.")
+    out.append(f"Latent-Mixup reports GAN-Mixup at {d['latent_mixup_gan_mixup_ratio']:.1f}x a standard step "
+               f"(104 ms vs 30 ms, RTX 2080 Ti).")
+    if "extra_flops_share" in main_row:
+        out.append(f"In the main NaTra row, {100 * main_row['extra_flops_share']:.0f}% of the counted FLOPs are beyond "
+                   f"K PGD gradient steps + the clean/adversarial training step (scoring the last iterate, "
+                   f"re-decoding the winner, the APT 'fooled?' forward); "
+                   f"{100 * main_row['avoidable_flops_share']:.0f}% (the re-decode and the 'fooled?' forward) "
+                   f"would go if latent_pgd kept the best iterate's images and logits, see BENCHMARKS.md.")
+    p = d["profile_natra_step"]
+    if p:
+        out += ["", f"Profile of one NaTra step (torch.profiler, self CPU time, {p['total_ms']:.0f} ms total; "
+                f"{100 * p['counted_ops_share']:.0f}% in conv/matmul ops, the ones FlopCounterMode counts):", ""]
+        out.append(benchlib.md_table(["op", "self ms", "share", "calls"],
+                                     [[t["op"], t["self_ms"], f"{100 * t['share']:.1f}%", t["calls"]] for t in p["top"]]))
+    re = d["reencode"]
+    step_s = main_row["augmented"]["median_s"]
+    out += ["", f"Cached codes vs re-encoding each batch ({cfg.robust.batch_size} images; encoder + LCE with "
+            f"{cfg.encoder.lce_codes} codes x {cfg.encoder.lce_steps} Adam steps, LPIPS "
+            f"{'pretrained' if re['lpips_pretrained'] else 'on a random backbone (no pretrained weights offline)'}):", ""]
+    out.append(benchlib.md_table(
+        ["codes per batch", "ms", "vs NaTra step"],
+        [["re-encode (encoder + LCE)", 1e3 * re["reencode"]["median_s"], f"+{100 * re['reencode']['median_s'] / step_s:.0f}%"],
+         ["cached lookup (what training does)", 1e3 * re["cached_lookup"]["median_s"],
+          f"+{100 * re['cached_lookup']['median_s'] / step_s:.2f}%"]]))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
