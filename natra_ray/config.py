@@ -135,6 +135,11 @@ class RobustConfig:
     classic_contrast: float = 0.2  # factor in [1 - c, 1 + c] on deviations from the image mean
     advmix_split: int = -1  # first "fine" (style) input of W+; -1 = num_ws // 2
     advmix_candidates: int = 4  # other images whose fine styles the adversary may mix in
+    # cvae: one member of the learned set S(x) = {Q(x, mu_p + sigma_p u) : ||u||_2 <= cvae_eps}
+    cvae_eps: float = 1.0
+    cvae_attack: Literal["random", "pgd"] = "pgd"  # u ~ N(0, I) projected into the ball, or the worst case
+    cvae_steps: int = 5  # PGD steps on u
+    cvae_step_size: float = 0.0  # 0 = 2.5 * cvae_eps / cvae_steps
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,26 @@ class VaeConfig:
     steps: int = 2000
     batch_size: int = 128
     lr: float = 0.001
+
+
+@dataclass(frozen=True)
+class CvaeConfig:
+    """The learned perturbation set of paper 001 (after Wong & Kolter): a CVAE on pairs (x, x')."""
+
+    arch: Literal["fc", "conv"] = "fc"  # fc = paper 001's one-hidden-layer MLPs
+    latent_dim: int = 1  # k; 1 = paper 001's one-number code of a rotation
+    hidden: int = 512  # fc: hidden units; conv: first conv's channels
+    family: Literal["rotation", "thickness", "brightness", "lighting", "folders"] = "rotation"
+    max_param: float = 0.0  # theta ~ U[-max, max]; 0 = the family's default (rotation: 20 deg)
+    pairs_x: str = ""  # family=folders: the originals ...
+    pairs_x_prime: str = ""  # ... and their perturbed versions, same file names
+    recon: Literal["bce", "mse"] = "bce"  # Bernoulli (paper 001's MNIST setting) or Gaussian
+    beta: float = 1.0  # KL weight
+    reg_weight: float = 0.0  # linear-cost regulariser weight; 0 = paper 001's baseline
+    epochs: int = 10
+    batch_size: int = 128  # bundles per step
+    lr: float = 0.001
+    sweep_images: int = 6
 
 
 @dataclass(frozen=True)
@@ -229,6 +254,7 @@ class Config:
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
+    cvae: CvaeConfig = field(default_factory=CvaeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -404,6 +430,18 @@ def validate(cfg: Config) -> None:
     for k in ("epochs", "train_examples", "val_examples", "eval_examples"):
         need(getattr(b, k) >= 0, f"benchmark.{k} must be >= 0 (0 = the profile's own value)")
     need(b.cpus_per_task > 0 and b.gpus_per_task >= 0, "benchmark.cpus_per_task must be > 0, gpus_per_task >= 0")
+    c = cfg.cvae
+    for k in ("latent_dim", "hidden", "batch_size"):
+        need(getattr(c, k) >= 1, f"cvae.{k} must be >= 1; got {getattr(c, k)}")
+    for k in ("epochs", "sweep_images", "beta", "reg_weight", "max_param"):
+        need(getattr(c, k) >= 0, f"cvae.{k} must be >= 0; got {getattr(c, k)}")
+    for k in ("cvae_eps", "cvae_steps", "cvae_step_size"):
+        need(getattr(r, k) >= 0, f"robust.{k} must be >= 0; got {getattr(r, k)}")
+    need(c.lr > 0, f"cvae.lr must be > 0; got {c.lr}")
+    need(c.family != "folders" or (bool(c.pairs_x) and bool(c.pairs_x_prime)),
+         "cvae.family=folders needs cvae.pairs_x and cvae.pairs_x_prime (two folders, same file names)")
+    need(c.family != "folders" or c.reg_weight == 0,
+         "cvae.reg_weight needs sample bundles (x, T_theta x, T_2theta x); user pairs have none: set it to 0")
 
 
 # --------------------------------------------------------------------------- loading

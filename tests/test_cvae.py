@@ -229,7 +229,7 @@ def test_closure_metrics_are_computed_on_held_out_pairs(trained):
     assert art.closure["closure_mse"] == pytest.approx(float(F.mse_loss(y_hat, test.x1)), rel=1e-4)
     assert art.closure["composition_mse"] == pytest.approx(float(F.mse_loss(two_step, direct)), rel=1e-4)
     assert art.closure["composition_gt_mse"] == pytest.approx(float(F.mse_loss(two_step, test.x2)), rel=1e-4)
-    assert -1.0 <= art.closure["theta_corr"] <= 1.0
+    assert -1.0 <= art.closure["theta_corr"] <= 1.0 and math.isfinite(art.closure["code_ratio"])
     # user pairs (no bundles) get the closure of one pair only
     single = stage.closure_metrics(model, PairData(test.x, test.x1))
     assert set(single) == {"closure_mse", "identity_mse"}

@@ -80,3 +80,4 @@ def list_methods() -> List[str]:
 
 # Registration happens on import of the method modules.
 from natra_ray.augment import basic, latent, pixel, mix, advmix  # noqa: E402,F401
+from natra_ray.augment import cvae  # noqa: E402,F401  (learned perturbation sets, paper 001)

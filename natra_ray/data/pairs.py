@@ -16,7 +16,6 @@ theta (B,), and live in ``PAIR_FAMILIES``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple

@@ -193,11 +193,16 @@ def closure_metrics(model: CVAE, pairs: PairData, batch_size: int = 512) -> Dict
     * ``composition_gt_mse``: the same two-step image vs the true z;
     * ``linear_mse``: Q(Q(x, P(x, y)), P(x, y)) vs Q(x, P(x, z))  (theta/2 + theta/2 = theta);
     * ``linear_gap``: mean |2 (mu1 - mu_p) - (mu2 - mu_p)| (the regulariser, unweighted);
-    * ``theta_corr``: Pearson correlation of theta with mu1 - mu_p (latent_dim 1 only).
+    * ``code_ratio``: median over bundles of the projection (mu2 - mu_p).(mu1 - mu_p) / |mu1 - mu_p|^2
+      (2 for a linear code of theta; per image, so it holds even where the latent's orientation
+      differs between images);
+    * ``theta_corr``: Pearson correlation of theta with mu1 - mu_p across images (latent_dim 1
+      only; a conditional model may orient its latent differently per image, which lowers it).
     """
     dev = next(model.parameters()).device
     sums: Dict[str, float] = {}
     deltas: List[Tensor] = []
+    ratios: List[Tensor] = []
 
     def add(k: str, v: Tensor) -> None:
         sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -222,9 +227,13 @@ def closure_metrics(model: CVAE, pairs: PairData, batch_size: int = 512) -> Dict
         add("composition_gt_mse", _mse(two_step, z))
         add("linear_mse", _mse(model.decode(y_hat, mu_xy), z_hat))
         add("linear_gap", linear_cost_reg(mu_xy, mu_xz, mu_p))
+        d1, d2 = mu_xy - mu_p, mu_xz - mu_p
+        ratios.append(((d2 * d1).sum(1) / d1.pow(2).sum(1).clamp_min(1e-12)).cpu())
         if mu_xy.shape[1] == 1 and p.theta is not None:
             deltas.append(torch.stack([p.theta.float(), (mu_xy - mu_p)[:, 0]], 1).cpu())
     out = {k: v / max(1, len(pairs)) for k, v in sums.items()}
+    if ratios:
+        out["code_ratio"] = float(torch.cat(ratios).median())
     if deltas:
         d = torch.cat(deltas)
         out["theta_corr"] = float(torch.corrcoef(d.T)[0, 1])
@@ -319,7 +328,7 @@ def loss_table(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
 def closure_table(rows: Dict[str, Dict[str, float]]) -> str:
     """Markdown: one row per model, the held-out closure metrics as columns."""
     keys = [k for k in ("identity_mse", "closure_mse", "closure2_mse", "composition_mse", "composition_gt_mse",
-                        "linear_mse", "linear_gap", "theta_corr") if any(k in r for r in rows.values())]
+                        "linear_mse", "linear_gap", "code_ratio", "theta_corr") if any(k in r for r in rows.values())]
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " |")
