@@ -32,16 +32,45 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.profile or default_profile(), args.config, args.overrides)
 
 
+def check_inputs(cfg: Config) -> None:
+    """The files a job reads, checked before Ray starts or anything is written: an external
+    generator checkpoint (safe load, kind, weights against its architecture, image shape against
+    the data) and the dataset (every image decoded once, splits non-empty). Raises
+    ``CheckpointError`` or ``DatasetError`` with one line naming the problem."""
+    from natra_ray.checkpoints import CheckpointError
+    from natra_ray.data import check_dataset
+
+    if cfg.gan.checkpoint:
+        from natra_ray.stages.gan import load_generator
+
+        try:
+            load_generator(cfg.gan.checkpoint, cfg)
+        except CheckpointError:
+            raise
+        except ValueError as e:  # the generator's image shape does not fit the data
+            raise CheckpointError(f"gan.checkpoint: {e}") from None
+    check_dataset(cfg.data)
+
+
 def parse_job_args(p: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Namespace, Config]":
-    """Parse a job's arguments and build its config; a bad config is one line and exit 2."""
+    """Parse a job's arguments, build its config and check its input files (``check_inputs``);
+    a bad config, dataset or checkpoint is one line on stderr and exit 2, before any compute."""
     args = p.parse_args(argv)
     from natra_ray.runtime import setup_logging
 
     setup_logging()
     try:
-        return args, config_from_args(args)
+        cfg = config_from_args(args)
     except ConfigError as e:
         fail(str(e))
+    from natra_ray.checkpoints import CheckpointError
+    from natra_ray.data import DatasetError
+
+    try:
+        check_inputs(cfg)
+    except (DatasetError, CheckpointError) as e:
+        fail(str(e))
+    return args, cfg
 
 
 def storage_root(cfg: Config) -> Path:
@@ -52,9 +81,36 @@ def storage_root(cfg: Config) -> Path:
 
 
 def fail(msg: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]
-    """One clear line on stderr and a non-zero exit (bad input is not a stack trace)."""
+    """One clear line on stderr and a non-zero exit (bad input is not a stack trace). A message
+    with several lines keeps the problem on the first; the rest (ways to fix it) follow."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
 
-__all__ = ["add_config_args", "config_from_args", "storage_root", "fail", "ConfigError", "default_profile", "parse_job_args"]
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_host(host: str, what: str) -> str:
+    """``host`` for a UI/dashboard to listen on; anything but loopback is an explicit choice that
+    gets a warning (it lets every machine that can reach this one use the service)."""
+    if not is_loopback(host):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s will listen on %s, not loopback: anyone who can reach this machine can use it; "
+            "prefer an SSH tunnel (ssh -L) to a loopback-bound %s", what, host, what)
+    return host
+
+
+__all__ = ["add_config_args", "config_from_args", "storage_root", "fail", "ConfigError", "default_profile", "parse_job_args",
+           "check_inputs", "bind_host", "is_loopback"]

@@ -148,6 +148,20 @@ def _read(cfg: DataConfig) -> Tuple[RawSplits, bool]:
     raise ValueError(f"data.dataset must be 'fashion_mnist' or 'image_folder'; got {cfg.dataset!r}")
 
 
+def check_dataset(cfg: DataConfig) -> Dict[str, int]:
+    """Read the dataset once, as a job's first step, so a missing folder, an unreadable image,
+    mixed sizes/channels or an empty class fail before any compute (``DatasetError``, one line
+    naming the file). Returns the example counts of the reader's train and test splits; the
+    decoded arrays stay cached in-process for the ``load_dataset`` calls that follow."""
+    (arrays, class_names), _ = _read(cfg)
+    n_train, n_test = len(arrays["train"][1]), len(arrays["test"][1])
+    split_indices(n_train, n_test, cfg, "train", 0)  # raises when nothing is left to train on
+    if n_test == 0:
+        raise DatasetError(f"the dataset has no test images ({n_train} train images in {len(class_names)} "
+                           "classes); an image folder needs >= 2 images per class, or train/ and test/ sub-folders")
+    return {"train": n_train, "test": n_test}
+
+
 def load_dataset(cfg: DataConfig, split: str, seed: int = 0) -> ImageDataset:
     """Load ``split`` ("train", "val" or "test") of the dataset described by ``cfg``.
 

@@ -172,11 +172,10 @@ def locate(cfg: DataConfig) -> Dict[str, Path]:
             note = f"download into {target} failed: {e}"
     else:
         note = "download skipped (data.download=false)"
-    raise DatasetError(
-        "Fashion-MNIST not found. Looked for "
+    raise DatasetError(  # the first line names the problem; the rest say how to fix it
+        "Fashion-MNIST not found in " + "; ".join(looked) + f" ({note}). Looked for "
         + ", ".join(s + "[.gz]" for s in FILES.values())
-        + " in:\n  - " + "\n  - ".join(looked)
-        + f"\n{note}.\nFix it with one of:\n"
+        + ".\nFix it with one of:\n"
         f"  - sudo apt-get install -y {DEBIAN_PACKAGE}   (installs the files to {DEBIAN_DIR})\n"
         f"  - put the four files in a folder and set {ENV_VAR}=<folder> or data.root=<folder>\n"
         f"  - go online with data.download=true (files are cached in {cache_dir()})"
