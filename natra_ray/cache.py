@@ -60,6 +60,10 @@ def cached(root: str | Path, stage: str, key: str, produce: Callable[[Path], Dic
             return final
         if final.exists():  # left by a writer that died between rename and manifest: redo
             shutil.rmtree(final)
+        # Temporary folders of writers of this key that were killed (only the lock holder makes
+        # them, so none of these is in use): never read, removed so they do not pile up.
+        for stale in Path(root).glob(f".{stage}-{key}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-{key}.", dir=root))
         try:
             t0 = time.time()
