@@ -254,10 +254,13 @@ def check_tracking(uri: str, timeout_s: float = 10) -> None:
 def open_ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
     """The command that opens the MLflow UI for ``uri``, bound to loopback by default (reach it
     from another machine with ``ssh -L 5000:127.0.0.1:5000 <head>``). For a server URI the UI is
-    already running: the URI itself is returned."""
+    already running: the URI itself is returned. Any other ``host`` is logged as a warning."""
     scheme = _scheme(uri)
     if scheme in ("http", "https", "databricks"):
         return uri
+    from natra_ray.cli import bind_host
+
+    host = bind_host(host, "the MLflow UI")
     return (f"mlflow ui --backend-store-uri {shlex.quote(uri)} "
             f"--host {shlex.quote(host)} --port {int(port)}")
 
