@@ -61,7 +61,7 @@ class GanConfig:
     batch_size: int = 64
     steps: int = 2000
     ema_half_life_images: int = 10000  # EMA horizon measured in images (StyleGAN2-ADA style)
-    r1_every: int = 4  # lazy R1 regularisation interval
+    r1_every: int = 16  # lazy R1 regularisation interval (StyleGAN2: every 16 D steps)
     style_mixing: float = 0.5
     sample_every: int = 500
     checkpoint: str = ""  # an external generator checkpoint: skip pretraining, load this
