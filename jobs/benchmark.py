@@ -1,0 +1,71 @@
+"""Benchmark every augmentation method on the same data, classifier, budget and seeds (Ray).
+
+    python jobs/benchmark.py                                  # cpu profile: every method x 3 seeds
+    python jobs/benchmark.py --profile smoke --methods none mixup --seeds 0 1
+    python jobs/benchmark.py --name cmp2 benchmark.epochs=2   # another budget, its own results
+    python jobs/benchmark.py --fresh                          # drop finished runs, start over
+
+Rerunning the same command resumes: finished method x seed runs are kept, the rest run.
+Writes <storage>/benchmarks/<name>/report.md (mean ± std per method, the Latent-Mixup paper's
+Fashion-MNIST rows beside ours) and chart.png; everything goes to MLflow (experiment
+natra-benchmark unless tracking.experiment is set: one parent run, a child per method x seed).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+
+from natra_ray.cli import add_config_args, fail, parse_job_args  # noqa: E402
+from natra_ray.config import ConfigError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="augmentation methods to compare (default: benchmark.methods, else every registered one)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="classifier seeds (default: benchmark.seeds)")
+    p.add_argument("--name", default=None, help="benchmark name: results under <storage>/benchmarks/<name>/ "
+                                                "(default: benchmark.name)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep finished method x seed runs and run the rest (default); --no-resume = --fresh")
+    p.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier results and start over")
+    args, cfg = parse_job_args(p, argv)
+    if args.name is not None:
+        if not args.name or "/" in args.name or args.name.startswith("."):
+            fail(f"--name must be a plain folder name; got {args.name!r}")
+        cfg = cfg.replace(**{"benchmark.name": args.name})
+
+    from natra_ray.data import DatasetError
+    from natra_ray.distributed.benchmark import run_benchmark
+    from natra_ray.distributed.tracking import TrackingError, open_ui_command
+
+    def _terminate(signum, frame):  # SIGTERM (ray job stop, kill) ends like Ctrl-C: runs marked KILLED
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    t0 = time.time()
+    try:
+        out = run_benchmark(cfg, methods=args.methods, seeds=args.seeds, resume=args.resume and not args.fresh)
+    except (ConfigError, DatasetError, TrackingError) as e:
+        fail(str(e))
+    print()
+    print(out.report_path.read_text().split("\n## Corruption suite")[0].split("\n## Reference")[0].rstrip())
+    print()
+    print(f"{len(out.rows)} runs finished ({len(out.skipped)} from earlier invocations), {len(out.failed)} failed, "
+          f"in {time.time() - t0:.0f} s")
+    for f in out.failed:
+        print(f"  failed: {f['run']}: {f['error']}")
+    print(f"report:  {out.report_path}")
+    print(f"chart:   {out.chart_path}")
+    print(f"MLflow tracking URI: {out.tracking_uri}  (parent run {out.parent_run_id})")
+    print(f"open the UI with:    {open_ui_command(out.tracking_uri)}")
+    return 0 if not out.failed and len(out.rows) == len(out.setup.get("methods", [])) * len(out.setup.get("seeds", [])) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
