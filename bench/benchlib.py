@@ -137,7 +137,7 @@ def command() -> str:
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -146,7 +146,8 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_results(name: str, mode: str, body_md: str, data: Dict[str, Any], info: Dict[str, Any]) -> Path:
-    """``results/<name>.md`` (header + body) and ``results/<name>.json`` (info + data)."""
+    """``results/<name>.md`` (header + body) and ``results/<name>.json`` (info + data);
+    ``<name>_full.*`` for a full-mode run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = {**info, "load_avg_end": load_avg(), "command": command(), "mode": mode,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -154,9 +155,10 @@ def write_results(name: str, mode: str, body_md: str, data: Dict[str, Any], info
             f"Machine: {info['cpu']}, {info['usable_cores']} usable cores, torch {info['torch']}, "
             f"{info['torch_threads']} intra-op thread(s); load average (1/5/15 min) "
             f"{info['load_avg_start']} at start, {info['load_avg_end']} at end; natra_ray at {info['natra_ray']}.\n\n")
-    md = RESULTS / f"{name}.md"
+    stem = name if mode == "quick" else f"{name}_{mode}"  # a full run does not overwrite the quick one
+    md = RESULTS / f"{stem}.md"
     md.write_text(head + body_md.rstrip() + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"info": info, "data": data}, indent=1, default=str))
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"info": info, "data": data}, indent=1, default=str))
     print(md.read_text())
     return md
 
