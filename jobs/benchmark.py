@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, TrackingError) as e:
         fail(str(e))
     print()
-    print(out.report_path.read_text().split("\n## Corruption suite")[0].split("\n## Reference")[0].rstrip())
+    head = out.report_path.read_text().split("\n## Corruption suite")[0].split("\n## Reference")[0]
+    print("\n".join(line for line in head.splitlines() if not line.startswith("![")).rstrip())
     print()
     print(f"{len(out.rows)} runs finished ({len(out.skipped)} from earlier invocations), {len(out.failed)} failed, "
           f"in {time.time() - t0:.0f} s")

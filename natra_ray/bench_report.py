@@ -20,6 +20,7 @@ MAIN_METRICS: Tuple[Tuple[str, str], ...] = (
     ("test_deepfool_score", "DeepFool score"),
     ("test_pixel_pgd_acc", "pixel PGD acc"),
     ("trial_seconds", "seconds / run"),
+    ("task_cpu_seconds", "CPU seconds / run"),
 )
 # Accuracies drawn in the chart's first panel (all in [0, 1]); the DeepFool score has its own.
 CHART_ACCURACIES = ("test_clean_acc", "test_natural_acc", "test_corruption_mean_acc",
@@ -72,8 +73,6 @@ def fmt_stat(s: Optional[Stat], digits: int = 4) -> str:
     if s is None or s[2] == 0:
         return "-"
     mean, std, n = s
-    if abs(mean) >= 100:
-        digits = 0
     if n < 2:
         return f"{mean:.{digits}f} (1 seed)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -89,8 +88,8 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 def main_table(agg: Mapping[str, Mapping[str, Stat]], metrics: Sequence[Tuple[str, str]] = MAIN_METRICS) -> str:
     """One row per method: every headline metric as mean ± std over seeds."""
     cols = [(k, h) for k, h in metrics if any(k in a for a in agg.values())]
-    lines = [[m, str(max((s[2] for s in a.values()), default=0))] + [fmt_stat(a.get(k)) for k, _ in cols]
-             for m, a in agg.items()]
+    lines = [[m, str(max((s[2] for s in a.values()), default=0))]
+             + [fmt_stat(a.get(k), 1 if k.endswith("seconds") else 4) for k, _ in cols] for m, a in agg.items()]
     return _table(["method", "seeds"] + [h for _, h in cols], lines)
 
 

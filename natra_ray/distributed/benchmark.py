@@ -197,12 +197,14 @@ def run_one(cfg_dict: Dict[str, Any], method: str, seed: int, root: str, bench_d
     try:
         seed_everything(seed)  # the classifier's initial weights; batches come from robust's own generator
         out = Path(bench_dir) / "runs" / run.name
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         metrics = pipeline.run_trial(cfg, Path(root), out, splits=bench_splits(cfg), up=_upstream(upstream),
                                      report=lambda m: tracker.log_metrics({k: v for k, v in m.items() if k != "epoch"},
                                                                           step=int(m.get("epoch", 0))))
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # CPU seconds of this process (all its threads): wall time on a shared machine says little
+        numeric["task_cpu_seconds"] = time.process_time() - c0
         tracker.log_metrics(numeric, step=cfg.robust.epochs)
         if out.is_dir():
             tracker.log_artifacts(str(out))
