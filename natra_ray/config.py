@@ -209,6 +209,9 @@ class TuneConfig:
     # workers x CPUs each; 0 CPUs = a whole node's (at most 8), one torch thread per CPU.
     upstream_workers: int = 1
     upstream_cpus_per_worker: int = 0
+    # Where a local Ray's dashboard listens: loopback; anything else is a deliberate exposure
+    # (logged as a warning). Clusters set it in ray_cluster.yaml instead.
+    dashboard_host: str = "127.0.0.1"
     # Logical CPUs reserved for each trial's driver (it mostly waits on its TorchTrainer) and
     # for the Ray Data actor that decodes latent codes. Tune -> Train -> Data reserve CPUs at
     # every level; counting 1 for each would need 3 CPUs per trial and deadlock a 2-core box.

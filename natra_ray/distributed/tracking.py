@@ -822,7 +822,9 @@ def fetch_trial_files(uri: str, run_id: str, dst: str | os.PathLike) -> Dict[str
     Path(dst).mkdir(parents=True, exist_ok=True)
     path = _retry(lambda: client.download_artifacts(run_id, "classifier.pt", str(dst)),
                   f"download classifier.pt of run {run_id}")
-    return {"classifier": Path(path), "upstream": sorted(posixpath.basename(a.path) for a in listed if a.is_dir),
+    tagged = sorted(v for k, v in run.data.tags.items() if k.startswith("natra.upstream."))  # set by the sweep
+    return {"classifier": Path(path),
+            "upstream": tagged or sorted(posixpath.basename(a.path) for a in listed if a.is_dir),
             "params": dict(run.data.params), "experiment_id": run.info.experiment_id}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +24,7 @@ from natra_ray.config import Config, from_dict
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+DIVERGED_FILE = "DIVERGED.txt"  # a worker whose loss became nan/inf writes the reason here
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -97,8 +99,10 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     steps = len(train) // cfg.robust.batch_size
     state = robust.make_state(cfg, len(train.class_names), steps, device)
     saved = _load_state()
-    if saved is not None:
+    resumed_from = None
+    if saved is not None:  # a restarted worker group (FailureConfig): continue after the last epoch
         state.load_state_dict(saved, latent)
+        resumed_from = state.epoch
         log.info("rank %d resumed from epoch %d", rank, state.epoch)
     state.model = ray.train.torch.prepare_model(state.model)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7 + state.epoch)
@@ -120,8 +124,17 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
 
     while state.epoch < cfg.robust.epochs:
         eps_before = latent.eps.clone() if latent is not None else None
-        m = robust.train_epoch(cfg, state, train, latent, gen, stream_batches if shard is not None else memory_batches,
-                               extra=extra)
+        try:
+            m = robust.train_epoch(cfg, state, train, latent, gen,
+                                   stream_batches if shard is not None else memory_batches, extra=extra)
+        except FloatingPointError as e:
+            # A diverged loss is not a lost worker: retrying it (FailureConfig) would only burn
+            # the budget again. Leave the reason where the driver looks (run storage) and end
+            # this worker cleanly; ``raise_if_diverged`` fails the trial with it. (Reporting it
+            # as a metric would trip Tune's check that every result carries the sweep metric.)
+            Path(config["diverged_file"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(config["diverged_file"]).write_text(f"rank {rank}: {e}")
+            return
         if latent is not None and world > 1:
             # Each example is seen by exactly one worker per epoch: summing the budget changes
             # gives every worker the same APT state.
@@ -129,6 +142,8 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
             dist.all_reduce(delta)
             latent.eps.copy_(eps_before + delta)
         m.update(robust.validate(cfg, state.bare, splits["val"], val_latent))
+        if resumed_from is not None:  # the history shows where a lost worker picked up
+            m["resumed_from_epoch"], resumed_from = float(resumed_from), None
         state.history.append(m)
         ckpt = _save_state(state.state_dict(latent)) if rank == 0 else None
         ray.train.report(m, checkpoint=ckpt)
@@ -140,7 +155,8 @@ def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: D
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    loop_config = {"cfg": cfg.to_dict(), **upstream_paths, "stream": bool(datasets)}
+    loop_config = {"cfg": cfg.to_dict(), **upstream_paths, "stream": bool(datasets),
+                   "diverged_file": str(diverged_file(storage_path, run_name))}
     trainer = TorchTrainer(
         robust_worker_loop,
         train_loop_config=loop_config,
@@ -154,51 +170,186 @@ def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: D
     return trainer.fit()
 
 
+def diverged_file(storage_path: Path, run_name: str) -> Path:
+    return Path(storage_path) / run_name / DIVERGED_FILE
+
+
+def raise_if_diverged(storage_path: Path, run_name: str) -> None:
+    """Turn a worker's divergence note into the FloatingPointError it caught."""
+    f = diverged_file(storage_path, run_name)
+    if f.exists():
+        raise FloatingPointError(f.read_text().strip() or "the training loss became nan/inf")
+
+
 def load_result_state(result) -> Dict[str, Any]:
     """The final training state (model weights, history, APT budgets) from a Result."""
     with result.checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-# --------------------------------------------------------------------------- GAN
-def gan_worker_loop(config: Dict[str, Any]) -> None:
-    """Data-parallel GAN pretraining: each worker a shard of every batch, gradients averaged."""
+# --------------------------------------------------------------------------- upstream stages
+def upstream_scaling_config(cfg: Config, node_cpus: float):
+    """GAN / BIES workers: nothing else runs before the trials, so by default one worker
+    takes a whole node's CPUs (at most 8) with one torch thread per CPU."""
+    from ray.train import ScalingConfig
+
+    gpu = use_gpu(cfg)
+    workers = cfg.tune.upstream_workers
+    cpus = cfg.tune.upstream_cpus_per_worker or max(1, min(8, int(node_cpus // workers)))
+    return ScalingConfig(num_workers=workers, use_gpu=gpu,
+                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})})
+
+
+def _worker_setup(config: Dict[str, Any]):
+    """Common to the upstream worker loops: config, logging, threads, rank/world, device."""
     import ray.train
     import ray.train.torch
 
-    from natra_ray.stages import gan, pipeline
+    from natra_ray.runtime import setup_logging
 
+    setup_logging()
     cfg = from_dict(config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(config["threads"])))
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    tr = gan.GanTrainer(cfg, ray.train.torch.get_device(), grad_sync=_all_reduce_grads)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    return cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, loop_config: Dict[str, Any]):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    scaling = upstream_scaling_config(cfg, node_cpus)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg.to_dict(), "threads": scaling.resources_per_worker["CPU"], **loop_config},
+        scaling_config=scaling,
+        run_config=RunConfig(name=run_name, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def gan_worker_loop(config: Dict[str, Any]) -> None:
+    """Data-parallel GAN pretraining (the stage's GanTrainer, gradients all-reduced): every
+    worker draws the same seeded batch and takes its stride. Rank 0 writes the sample grids;
+    a checkpoint every ``report_every`` steps is what a restarted worker resumes from."""
+    import ray
+    import ray.train
+
+    from natra_ray.stages import gan
+    from natra_ray.viz import save_grid
+
+    cfg, rank, world, device = _worker_setup(config)
+    tr = gan.GanTrainer(cfg, device, grad_sync=_all_reduce_grads)
     saved = _load_state()
     if saved is not None:
         tr.load_state_dict(saved)
-    data = pipeline.load_splits(cfg)["train"]
-    gen = torch.Generator().manual_seed(cfg.seed + tr.step)
+        log.info("GAN worker %d resumed at step %d", rank, tr.step)
+    # Same initial weights everywhere (seeded above), but each worker's fakes must differ:
+    # the global RNG (latents, style mixing) is reseeded per rank.
+    torch.manual_seed(cfg.seed * 1000 + 1 + rank + tr.step)
+    data = ray.get(config["data"])
+    out_dir = Path(config["out_dir"])
+    z_fixed = gan.fixed_z(cfg, tr.G.z_dim)
+    g = cfg.gan
     every = max(1, int(config.get("report_every", 100)))
-    while tr.step < cfg.gan.steps:
-        idx = torch.randint(len(data), (cfg.gan.batch_size,), generator=gen)[rank::world]
+    t0, seen0 = time.time(), tr.images_seen
+    while tr.step < g.steps:
+        # Seeded by the step: a resumed worker continues the same batch sequence.
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + tr.step)
+        idx = torch.randint(len(data), (g.batch_size,), generator=gen)[rank::world]
         m = tr.train_step(data.images[idx])
-        if tr.step % every == 0 or tr.step == cfg.gan.steps:
-            ray.train.report({**m, "step": tr.step}, checkpoint=_save_state(tr.state_dict()) if rank == 0 else None)
+        gan.check_finite(m, tr.step, out_dir)
+        if rank == 0 and g.sample_every and tr.step % g.sample_every == 0:
+            save_grid(tr.samples(z_fixed), out_dir / "samples" / f"step_{tr.step:06d}.png", nrow=8)
+            log.info("gan step %d/%d %s (%.0f s)", tr.step, g.steps,
+                     " ".join(f"{k}={v:.3f}" for k, v in m.items()), time.time() - t0)
+        if tr.step % every == 0 or tr.step == g.steps:
+            rate = (tr.images_seen - seen0) * world / max(time.time() - t0, 1e-9)
+            ray.train.report({**m, "step": tr.step, "images_per_s": rate},
+                             checkpoint=_save_state(tr.state_dict()) if rank == 0 else None)
 
 
-def fit_gan(cfg: Config, run_name: str, storage_path: Path, report_every: int = 100):
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+def gan_fit(storage_path: Path, data_ref: Any, report_every: int = 100):
+    """A ``stages.gan.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers)."""
+    def for_config(cfg: Config):
+        def fit(out_dir: Path):
+            from natra_ray.stages import gan
 
-    trainer = TorchTrainer(
-        gan_worker_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "report_every": report_every},
-        scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=run_name, storage_path=str(storage_path),
-                             failure_config=FailureConfig(max_failures=cfg.tune.max_failures)),
-    )
-    return trainer.fit()
+            t0 = time.time()
+            result = _run_upstream_trainer(gan_worker_loop, cfg, f"gan-{out_dir.name}", storage_path,
+                                           {"data": data_ref, "out_dir": str(out_dir), "report_every": report_every})
+            tr = gan.GanTrainer(cfg, torch.device("cpu"))
+            tr.load_state_dict(load_result_state(result))
+            last = {f"gan_{k}": float(v) for k, v in (result.metrics or {}).items()
+                    if k in ("d_loss", "g_loss", "r1", "gp", "images_per_s")}
+            return tr, {**last, "gan_seconds": time.time() - t0}
+        return fit
+    return for_config
 
 
-__all__ = ["robust_worker_loop", "fit_robust", "gan_worker_loop", "fit_gan", "load_result_state", "scaling_config"]
+def bies_worker_loop(config: Dict[str, Any]) -> None:
+    """BIES data-parallel: the stage's train_encoder then shift_generator, each worker on its
+    shard of every batch with gradients all-reduced. A checkpoint after each phase: a worker
+    lost while shifting does not retrain the encoder."""
+    import ray
+    import ray.train
+
+    from natra_ray.losses import Perceptual
+    from natra_ray.stages import bies
+
+    cfg, rank, world, device = _worker_setup(config)
+    G = ray.get(config["generator"]).to(device)
+    train = ray.get(config["data"])
+    perceptual = Perceptual.from_config(cfg.encoder).to(device) if cfg.encoder.gamma2 > 0 else None
+    saved = _load_state() or {}
+    times = dict(saved.get("times", {}))
+    if "encoder" in saved:
+        E = bies.build_encoder(cfg, G).to(device)
+        E.load_state_dict(saved["encoder"])
+        E.eval().requires_grad_(False)
+    else:
+        t0 = time.time()
+        E = bies.train_encoder(cfg, G, train, perceptual=perceptual, grad_sync=_all_reduce_grads, shard=(rank, world))
+        times["bies_encoder_seconds"] = time.time() - t0
+        state = {"encoder": E.state_dict(), "times": times}
+        ray.train.report({"phase": 1, **times}, checkpoint=_save_state(state) if rank == 0 else None)
+    t0 = time.time()
+    Gs = bies.shift_generator(cfg, G, E, train, perceptual=perceptual, grad_sync=_all_reduce_grads, shard=(rank, world))
+    times["bies_shift_seconds"] = time.time() - t0
+    state = {"encoder": E.state_dict(), "generator_shifted": Gs.state_dict(), "times": times}
+    ray.train.report({"phase": 2, **times}, checkpoint=_save_state(state) if rank == 0 else None)
+
+
+def bies_fit(storage_path: Path):
+    """A ``stages.bies.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers)."""
+    import ray
+
+    def for_config(cfg: Config):
+        def fit(G, train):
+            import copy
+
+            from natra_ray.stages import bies
+
+            G_cpu = copy.deepcopy(G).cpu()
+            result = _run_upstream_trainer(bies_worker_loop, cfg, f"bies-{int(time.time())}", storage_path,
+                                           {"data": ray.put(train), "generator": ray.put(G_cpu)})
+            state = load_result_state(result)
+            E = bies.build_encoder(cfg, G_cpu)
+            E.load_state_dict(state["encoder"])
+            Gs = copy.deepcopy(G_cpu)
+            Gs.load_state_dict(state["generator_shifted"])
+            return E, Gs, {k: float(v) for k, v in state["times"].items()}
+        return fit
+    return for_config
+
+
+__all__ = ["robust_worker_loop", "fit_robust", "gan_worker_loop", "gan_fit", "bies_worker_loop", "bies_fit",
+           "load_result_state", "raise_if_diverged", "scaling_config", "upstream_scaling_config"]

@@ -44,41 +44,41 @@ def trial_cpus(cfg: Config) -> float:
 def max_concurrent(cfg: Config, cluster_cpus: float, autoscaling: bool = False) -> int:
     """Trials that fit at once; a trial that can never fit is an error before anything starts."""
     need = trial_cpus(cfg)
-    if cfg.tune.max_concurrent_trials > 0:
-        return cfg.tune.max_concurrent_trials
     if need > cluster_cpus + 1e-9 and not autoscaling:
         raise ResourceError(
             f"one trial needs {need:g} CPUs (driver {cfg.tune.driver_cpus:g} + {cfg.tune.train_workers} Train "
             f"workers x {cfg.tune.cpus_per_worker} + Data {cfg.tune.data_cpus:g}) but the cluster has "
             f"{cluster_cpus:g}; lower tune.train_workers / tune.cpus_per_worker or add nodes")
+    if cfg.tune.max_concurrent_trials > 0:
+        return cfg.tune.max_concurrent_trials
     return max(1, int(math.floor(cluster_cpus / need + 1e-9)))
 
 
 # --------------------------------------------------------------------------- upstream
 def prepare_upstream(cfg: Config, root: Path) -> Dict[str, Any]:
-    """GAN / BIES / directions as one Ray task (cached; a no-op when already computed).
+    """GAN / BIES / directions, each computed once per upstream config (the stage cache).
 
-    The task takes a whole node's CPUs (at most 8): nothing else runs before the trials, and
-    one torch thread per CPU is what makes the GAN affordable on a small machine."""
+    The GAN and BIES train as TorchTrainer jobs (``distributed/train.py``: workers, checkpoints,
+    FailureConfig); the cache lookups, checkpoints and grids are the stage code's, run here in
+    the driver, which also computes the directions (a PCA / UMAP fit, no training)."""
     import ray
 
+    from natra_ray.distributed.train import bies_fit, gan_fit
+    from natra_ray.stages import pipeline
+
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    threads = int(max(1, min(8, node_cpus)))
-
-    @ray.remote(num_cpus=threads)
-    def _upstream(cfg_dict: Dict[str, Any], root: str) -> Dict[str, Any]:
-        from natra_ray.runtime import setup_logging
-        from natra_ray.stages import pipeline
-
-        setup_logging()
-        c = from_dict(cfg_dict)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(max(1, min(8, node_cpus))))
+    try:
+        train = pipeline.load_splits(cfg)["train"]
+        storage = Path(root) / "train_runs"
+        up = pipeline.prepare_upstream(cfg, Path(root), train, gan_fit=gan_fit(storage, ray.put(train)),
+                                       bies_fit=bies_fit(storage))
+    finally:
         torch.set_num_threads(threads)
-        up = pipeline.prepare_upstream(c, Path(root), pipeline.load_splits(c)["train"])
-        return {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
-                "directions_path": str(up.directions_path),
-                "dirs": {k: str(v) for k, v in up.dirs.items()}, "metrics": up.metrics}
-
-    return ray.get(_upstream.remote(cfg.to_dict(), str(root)))
+    return {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
+            "directions_path": str(up.directions_path),
+            "dirs": {k: str(v) for k, v in up.dirs.items()}, "metrics": up.metrics}
 
 
 # --------------------------------------------------------------------------- the trial
@@ -91,7 +91,7 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     from natra_ray.distributed import data as rdata
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.augment.latent import lce_codes_for
-    from natra_ray.distributed.train import fit_robust, load_result_state, use_gpu
+    from natra_ray.distributed.train import fit_robust, load_result_state, raise_if_diverged, use_gpu
     from natra_ray.runtime import setup_logging
     from natra_ray.search_space import search_space_from_dict
     from natra_ray.stages import evaluate, pipeline, robust
@@ -104,6 +104,9 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     tracker = TrialTracker(**tracking, trial_id=trial_id, run_name=f"trial-{trial_id}")
     tracker.start()
     tracker.log_params({**cfg.flat(), **{f"sampled.{k}": v for k, v in space.select(params).items()}})
+    # Which cache entries hold this trial's generator, encoder and directions (the explorer's
+    # --run-id follows these to the files).
+    tracker.set_tags({f"natra.upstream.{k}": Path(v).name for k, v in (upstream.get("dirs") or {}).items()})
     try:
         rootp = Path(root)
         splits = pipeline.load_splits(cfg)
@@ -122,10 +125,12 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
                                                        up.directions_path, Path(code_paths["train"]),
                                                        batch_size=cfg.robust.batch_size,
                                                        use_gpu=use_gpu(cfg), num_cpus=cfg.tune.data_cpus)}
-        result = fit_robust(cfg, f"train-{trial_id}", rootp / "train_runs", paths,
+        run_name = f"train-{trial_id}"
+        result = fit_robust(cfg, run_name, rootp / "train_runs", paths,
                             callbacks=[TuneReportCallback()], datasets=datasets)
         if result.error is not None:
             raise result.error
+        raise_if_diverged(rootp / "train_runs", run_name)
         state = load_result_state(result)
         for epoch_metrics in state["history"]:
             tracker.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=int(epoch_metrics["epoch"]))
@@ -216,7 +221,10 @@ def _init_ray(cfg: Config) -> None:
     else:
         # address="local": a fresh local instance. Without it ray.init() would try to join
         # whatever cluster /tmp/ray/ray_current_cluster names, even a dead one (hangs).
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+        from natra_ray.cli import bind_host
+
+        ray.init(address="local", include_dashboard=True,
+                 dashboard_host=bind_host(cfg.tune.dashboard_host, "the Ray dashboard"),
                  log_to_driver=True, configure_logging=False)
 
 
@@ -224,19 +232,24 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     """The whole sweep; see the module docstring."""
     import ray
 
-    from natra_ray.cli import storage_root
-    from natra_ray.distributed.tracking import SweepTracker
+    import os
 
-    # 1. everything checkable, before any compute
+    from natra_ray.cli import storage_root
+    from natra_ray.distributed.tracking import SweepTracker, check_tracking, validate_tracking_uri
+
+    # 1. everything checkable, before any compute and before anything is written
     space = load_search_space(cfg.tune.search_space, cfg)
-    tracker = SweepTracker.from_config(cfg)
-    root = storage_root(cfg)
-    sweep_dir = root / "sweeps" / cfg.tune.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking.uri.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:  # a given store must answer (the default SQLite file is created below)
+        check_tracking(validate_tracking_uri(uri))
     _init_ray(cfg)
     total_cpus = float(ray.cluster_resources().get("CPU", 0))
     concurrent = max_concurrent(cfg, total_cpus)
     log.info("cluster: %g CPUs; each trial needs %g -> %d concurrent trial(s)", total_cpus, trial_cpus(cfg), concurrent)
+    tracker = SweepTracker.from_config(cfg, check=not uri)
+    root = storage_root(cfg)
+    sweep_dir = root / "sweeps" / cfg.tune.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. MLflow parent run (reopened on --resume so children stay under one parent)
     parent_file = sweep_dir / "mlflow_parent_run_id"
