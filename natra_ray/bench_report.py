@@ -135,8 +135,8 @@ def setup_differences(setup: Mapping[str, Any]) -> str:
         "Where the setups differ (read the reference rows with these in mind):",
         "",
         f"- **Classifier and training.** Paper: a generic CNN with 575k parameters, Adam, 50 epochs, "
-        f"lr 0.001 decayed by 0.9 per epoch, on the full 60k training set, hyperparameters grid-searched "
-        f"per variant on validation accuracy. Ours: `{g('classifier')}` with {g('classifier_params', '?'):,} "
+        f"lr 0.001 decayed by 0.9 per epoch, on the training set (no subset is mentioned), hyperparameters "
+        f"grid-searched per variant on validation accuracy. Ours: `{g('classifier')}` with {g('classifier_params', '?'):,} "
         f"parameters, SGD (momentum {g('momentum')}) with a one-cycle schedule to lr {g('lr')}, "
         f"{g('epochs')} epoch(s), batch {g('batch_size')} on {g('train_images')} training images, one fixed "
         f"set of hyperparameters for every method (Mixup alpha {g('mixup_alpha')}), no search.",

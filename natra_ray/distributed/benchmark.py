@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from natra_ray.config import Config, ConfigError, from_dict
 
@@ -295,15 +295,16 @@ def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun]
 
     from natra_ray.distributed.tune import _init_ray
 
-    _init_ray(cfg)
     b = cfg.benchmark
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-    if b.cpus_per_task > cluster_cpus + 1e-9:
-        raise ConfigError(f"benchmark.cpus_per_task={b.cpus_per_task:g} but the cluster has {cluster_cpus:g} CPUs; lower it")
     facts_file = bench_dir / "setup.json"
     facts: Dict[str, Any] = json.loads(facts_file.read_text()) if facts_file.exists() else {}
     failed: List[Dict[str, Any]] = []
-    if pending or not facts:
+    if pending or not facts:  # else every run is finished: only the report is rewritten, no Ray
+        _init_ray(cfg)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+        if b.cpus_per_task > cluster_cpus + 1e-9:
+            raise ConfigError(f"benchmark.cpus_per_task={b.cpus_per_task:g} but the cluster has {cluster_cpus:g} CPUs; "
+                              f"lower it")
         # 2. the shared cache (upstream, codes, extra models) in one task with a whole node's CPUs
         t0 = time.time()
         node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
