@@ -3,8 +3,8 @@
 Each configuration runs in a fresh child process (peak RSS is per process and never goes
 down), which reports ``ru_maxrss`` plus its RSS after setup (imports, data, codes, models):
 
-* ``step`` children: the ``cpu`` profile's training set size (5,400 images and their cached
-  codes, random weights) and a few real NaTra training steps (``stages.robust.train_epoch``),
+* ``step`` children: the ``cpu`` profile's training set size (its images and codes, random
+  weights) and a few real NaTra training steps (``stages.robust.train_epoch``),
   at a grid of ``robust.batch_size`` and ``encoder.lce_codes``;
 * the full mode adds the ``cpu`` profile's whole single-process trial
   (``stages.pipeline.run_trial``: 2 epochs of NaTra + the evaluation suite), which reads the
@@ -32,7 +32,12 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-TRAIN_IMAGES = 5400  # the cpu profile's training split (6,000 minus the 10% validation)
+def train_images() -> int:
+    """Size of the cpu profile's training split (train_subset minus the validation fraction)."""
+    from natra_ray.config import load_config
+
+    d = load_config("cpu").data
+    return d.train_subset - int(round(d.train_subset * d.val_fraction))
 
 
 def rss_mb() -> float:
@@ -57,9 +62,10 @@ def child_step(batch: int, codes: int, steps: int) -> Dict[str, float]:
     torch.set_num_threads(1)
     imports = rss_mb()
     cfg = load_config("cpu").replace(**{"robust.batch_size": batch, "encoder.lce_codes": codes})
-    src = benchlib.random_latent_source(cfg, TRAIN_IMAGES, codes)
-    x = torch.rand(TRAIN_IMAGES, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    y = torch.randint(0, 10, (TRAIN_IMAGES,))
+    n = train_images()
+    src = benchlib.random_latent_source(cfg, n, codes)
+    x = torch.rand(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    y = torch.randint(0, 10, (n,))
     state = robust.make_state(cfg, 10, 100_000, torch.device("cpu"))
 
     class _Data:
@@ -71,12 +77,12 @@ def child_step(batch: int, codes: int, steps: int) -> Dict[str, float]:
 
     def batches():
         for _ in range(steps):
-            idx = torch.randperm(TRAIN_IMAGES, generator=gen)[:batch]
+            idx = torch.randperm(n, generator=gen)[:batch]
             yield Batch(x[idx], y[idx], idx)
 
     robust.train_epoch(cfg, state, _Data(), src, gen, batches)
     return {"rss_after_imports_mb": imports, "rss_after_setup_mb": setup, "peak_after_setup_mb": peak_setup, "peak_mb": peak_mb(),
-            "codes_mb": (src.ws.numel() + src.alpha.numel()) * 4 / 2 ** 20}
+            "codes_mb": (src.ws.numel() + src.alpha.numel()) * 4 / 2 ** 20, "train_images": n}
 
 
 def child_trial() -> Dict[str, Any]:
@@ -150,7 +156,8 @@ def render(d: Dict[str, Any]) -> str:
     rows = [[r["batch"], r["codes"], r.get("rss_after_imports_mb", "-"), r.get("rss_after_setup_mb", "-"), r.get("peak_mb", r.get("error", "-")),
              (r["peak_mb"] - r["rss_after_setup_mb"]) if "peak_mb" in r else "-", r.get("codes_mb", "-")]
             for r in d["grid"].values()]
-    lines = [f"NaTra training steps (cpu profile: K=2 PGD steps, 8 directions, {TRAIN_IMAGES} training images and their "
+    n = next((r["train_images"] for r in d["grid"].values() if "train_images" in r), "?")
+    lines = [f"NaTra training steps (cpu profile: K=2 PGD steps, 8 directions, {n} training images and their "
              f"codes held in memory, small_cnn width 16), {d['steps']} steps per child process.", "",
              benchlib.md_table(head, rows), "",
              f"Growth: {d['mb_per_batch_image']:.2f} MiB per extra image in the batch (2 codes); "

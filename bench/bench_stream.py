@@ -22,7 +22,7 @@ Measured, at the ``cpu`` profile's sizes with random weights:
 Goal: stream step time <= 1.05 x precomputed step time.
 
     .venv/bin/python bench/bench_stream.py --quick   # 1024 images, random_latent (< 2 min)
-    .venv/bin/python bench/bench_stream.py           # one cpu-profile epoch (5400), random_latent and natra
+    .venv/bin/python bench/bench_stream.py           # one cpu-profile epoch, random_latent and natra
 """
 from __future__ import annotations
 
@@ -136,11 +136,12 @@ def delivery(ds: Any) -> Dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1024 images, random_latent only (< 2 min)")
-    ap.add_argument("--images", type=int, default=0, help="training images streamed (1024 quick; full: the cpu split, 5400)")
+    ap.add_argument("--images", type=int, default=0, help="training images streamed (1024 quick; full: the cpu profile's training split)")
     args = ap.parse_args()
     info = benchlib.start(1)
     t_start = time.time()
-    n = args.images or (1024 if args.quick else 5400)
+    d = load_config("cpu").data
+    n = args.images or (1024 if args.quick else d.train_subset - int(round(d.train_subset * d.val_fraction)))
     base = load_config("cpu")
     data = load_dataset(base.data, "train").subset(slice(0, n))
     src = benchlib.random_latent_source(base, n, base.encoder.lce_codes)

@@ -259,6 +259,9 @@ def render(d: Dict[str, Any]) -> str:
     minute = per_trial / (60 + per_trial)
 
     def row(name: str, c: int, s: Dict[str, float], vs: str) -> List[Any]:
+        if c > 1:  # trials overlap: their summed work exceeds the wall, no split
+            return [name, c, s["wall"], s["work"], s["import"], s["load"], "-", "-", s["trials_per_hour"],
+                    s["processes"], vs]
         return [name, c, s["wall"], s["work"], s["import"], s["load"], s["other"],
                 f"{100 * (s['wall'] - s['work']) / s['wall']:.1f}%", s["trials_per_hour"], s["processes"], vs]
 
