@@ -136,11 +136,16 @@ def test_two_worker_bies_matches_single_process(ray_session, tmp_path):
     E1, Gs1, _ = bies.fit_in_process(cfg)(G, train)
     E2, Gs2, times = bies_fit(tmp_path / "ray")(cfg)(G, train)
     assert set(times) == {"bies_encoder_seconds", "bies_shift_seconds"}
-    for a, b in [(E1, E2), (Gs1, Gs2)]:
-        for (name, p1), p2 in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.allclose(p1, p2, atol=1e-4, rtol=1e-3), name
-    # ... and the shift really moved the generator (the comparison above is not vacuous)
-    assert not torch.allclose(G.convs[-1].weight, Gs2.convs[-1].weight)
+    # Compare what the models compute, not raw weights: Adam's first steps move a weight whose
+    # gradient is ~0 by +-lr on float noise alone, so weights may differ where outputs do not.
+    x = train.images[:16]
+    with torch.no_grad():
+        w1, w2 = E1(x), E2(x)
+        img0, img1, img2 = G.synthesis(w1), Gs1.synthesis(w1), Gs2.synthesis(w1)
+    trained = (w1 - G.w_avg).abs().mean()  # how far the encoder moved from its start (w_avg)
+    assert (w1 - w2).abs().mean() <= 0.02 * trained, ((w1 - w2).abs().mean(), trained)
+    shift = (img1 - img0).abs().mean()  # how much the shift changed the images: not vacuous
+    assert shift > 1e-4 and (img1 - img2).abs().mean() <= 0.1 * shift, ((img1 - img2).abs().mean(), shift)
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_trials(tmp_path):
