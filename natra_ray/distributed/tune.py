@@ -235,13 +235,13 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     import os
 
     from natra_ray.cli import storage_root
-    from natra_ray.distributed.tracking import SweepTracker, check_tracking, validate_tracking_uri
+    from natra_ray.distributed.tracking import SweepTracker, check_tracking, resolve_tracking_uri
 
     # 1. everything checkable, before any compute and before anything is written
     space = load_search_space(cfg.tune.search_space, cfg)
     uri = cfg.tracking.uri.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:  # a given store must answer (the default SQLite file is created below)
-        check_tracking(validate_tracking_uri(uri))
+        check_tracking(resolve_tracking_uri(cfg))
     _init_ray(cfg)
     total_cpus = float(ray.cluster_resources().get("CPU", 0))
     concurrent = max_concurrent(cfg, total_cpus)
