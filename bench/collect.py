@@ -22,7 +22,9 @@ def fill(doc: str, results: Path) -> str:
     def repl(m: re.Match) -> str:
         name = m.group(1)
         f = results / f"{name}.md"
-        body = f.read_text().strip() if f.is_file() else f"(not measured yet: run `bench/bench_{name}.py --quick`)"
+        script, full = name.removesuffix("_full"), name.endswith("_full")
+        cmd = f".venv/bin/python bench/bench_{script}.py{'' if full else ' --quick'}"
+        body = f.read_text().strip() if f.is_file() else f"({'full mode ' if full else ''}not run for this page: `{cmd}`)"
         return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
 
     return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", repl, doc, flags=re.S)
