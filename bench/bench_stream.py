@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -192,6 +193,7 @@ def main() -> None:
             print(f"{method}: {out['methods'][method]['mean_vs_precomputed']}", flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     out["seconds"] = time.time() - t_start
     benchlib.write_results("stream", "quick" if args.quick else "full", render(out), out, info)
 
