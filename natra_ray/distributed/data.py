@@ -2,11 +2,15 @@
 
 A split becomes a dataset of rows {image, label, idx}; a stateful ``map_batches`` actor
 (``LatentAugmenter``) holds the frozen generator, the split's cached latent codes and the
-directions, and attaches to every batch its reconstruction ``x_rec = dec(enc(x))`` and a
-random natural transformation ``x_rand = dec(enc(x) + V r)``, r ~ N(0, eps^2) (what the
-"Random" baseline trains on). The classifier workers read their shard with
+directions, and attaches to every batch a random natural transformation
+``x_rand = dec(enc(x) + V r)``, r ~ N(0, eps^2) (what the "Random" baseline trains on). The classifier workers read their shard with
 ``iter_torch_batches``; the adversarial inner maximisation needs the *current* classifier,
 so it stays in the worker (an actor cannot hold weights that change every step).
+
+The split is cut into one block per batch: the actor streams block by block, so the first
+batch reaches the worker after one decode rather than after the whole epoch's (bench/
+bench_stream.py measured 28.6 s of idle worker per epoch with a single block), and the block
+order is shuffled every epoch.
 """
 from __future__ import annotations
 
@@ -49,16 +53,14 @@ class LatentAugmenter:
         alpha = self.codes.alpha[idx].to(self.device)
         k = self.cfg.robust.num_directions
         r = torch.randn(len(idx), k, generator=self.gen).to(self.device) * self.cfg.robust.eps  # "Random": N(0, eps^2)
-        x_rec = to_unit(lce_decode(self.G, ws, alpha, self.codes.layer))
         x_rand = to_unit(lce_decode(self.G, self.dirs.edit(ws, r, *self.range), alpha, self.codes.layer))
-        batch["x_rec"] = x_rec.cpu().numpy()
         batch["x_rand"] = x_rand.cpu().numpy()
         return batch
 
 
 def training_stream(ds: ImageDataset, cfg_dict: Dict[str, Any], generator_path: Path, directions_path: Path,
                     codes_path: Path, batch_size: int, use_gpu: bool = False, num_cpus: float = 0.5):
-    """rows {image, label, idx} -> LatentAugmenter actor -> {..., x_rec, x_rand}."""
+    """rows {image, label, idx} in blocks of ``batch_size`` -> LatentAugmenter actor -> {..., x_rand}."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -66,7 +68,9 @@ def training_stream(ds: ImageDataset, cfg_dict: Dict[str, Any], generator_path: 
     n = len(ds)
     table = {"image": ds.images.numpy(), "label": ds.labels.numpy().astype(np.int64),
              "idx": np.arange(n, dtype=np.int64)}
-    return ray.data.from_arrow(_to_arrow(table)).map_batches(
+    arrow = _to_arrow(table)
+    blocks = [arrow.slice(i, batch_size) for i in range(0, n, batch_size)]
+    return ray.data.from_arrow(blocks).randomize_block_order().map_batches(
         LatentAugmenter,
         fn_constructor_kwargs={"cfg_dict": cfg_dict, "generator_path": str(generator_path),
                                "directions_path": str(directions_path), "codes_path": str(codes_path)},
