@@ -222,7 +222,7 @@ def deepfool_score(
 
 
 def latent_pgd(
-    loss_fn: Callable[[Tensor], Tensor],
+    loss_fn: Callable[[Tensor], Union[Tensor, Tuple[Tensor, ...]]],
     delta_shape: Sequence[int],
     *,
     eps: Union[float, Tensor],
@@ -231,7 +231,8 @@ def latent_pgd(
     random_start: bool = True,
     generator: Optional[torch.Generator] = None,
     device: Union[torch.device, str, None] = None,
-) -> Tensor:
+    return_aux: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tuple[Tensor, ...]]]:
     """Projected signed-gradient ASCENT on a per-example loss over an l_inf ball (NaTra Eq. 6),
     independent of any generator: the caller's ``loss_fn(delta) -> (B,)`` decodes and
     classifies (and owns the model's train/eval mode).
@@ -245,15 +246,24 @@ def latent_pgd(
     PGD iterate, which a non-concave loss can make worse). ``steps`` gradient evaluations plus
     one gradient-free evaluation of the final iterate. ``steps == 0`` or ``eps == 0`` returns
     zeros (for a tensor eps, the rows with eps 0 stay zero). The result is detached.
+
+    With ``return_aux``, ``loss_fn`` returns ``(loss, *aux)`` with per-example tensors (B, ...)
+    (e.g. the decoded images and the logits) and the result is ``(delta, aux)``, ``aux`` taken
+    at the same best iterate: a caller needs no second decode or classifier pass (for a zero
+    budget, ``loss_fn`` is evaluated once at delta = 0, without gradients).
     """
     if device is None:
         device = eps.device if isinstance(eps, Tensor) else torch.device("cpu")
     zeros = torch.zeros(tuple(delta_shape), device=device)
     e = _broadcast(eps, zeros)
-    if steps <= 0 or (not isinstance(e, Tensor) and e == 0.0):
-        return zeros
-    if isinstance(e, Tensor) and not bool((e > 0).any()):
-        return zeros
+    no_budget = (steps <= 0 or (not isinstance(e, Tensor) and e == 0.0)
+                 or (isinstance(e, Tensor) and not bool((e > 0).any())))
+    if no_budget:
+        if not return_aux:
+            return zeros
+        with torch.no_grad():
+            _, *aux = loss_fn(zeros)
+        return zeros, tuple(a.detach() for a in aux)
     alpha = 2.5 * e / steps if step_size is None else _broadcast(step_size, zeros)
     if random_start:
         u = torch.rand(zeros.shape, generator=generator,
@@ -263,19 +273,27 @@ def latent_pgd(
         delta = zeros.clone()
     best = delta.clone()
     best_loss = torch.full((zeros.shape[0],), -float("inf"), device=device)
+    best_aux: List[Tensor] = []
     for it in range(steps + 1):
         last = it == steps
         d = delta.detach().requires_grad_(not last)
         with torch.set_grad_enabled(not last):
-            loss = loss_fn(d).reshape(-1)  # (B,)
+            out = loss_fn(d)
+        loss, aux = (out[0], out[1:]) if return_aux else (out, ())
+        loss = loss.reshape(-1)  # (B,)
         improved = loss.detach() > best_loss
         best_loss = torch.where(improved, loss.detach(), best_loss)
         best[improved] = delta[improved]
+        if not best_aux:
+            best_aux = [a.detach().clone() for a in aux]
+        else:
+            for b, a in zip(best_aux, aux):
+                b[improved] = a.detach()[improved]
         if last:
             break
         (g,) = torch.autograd.grad(loss.sum(), d)  # per-example: losses are independent
         delta = (delta + alpha * g.sign()).clamp(-e, e)  # signed ascent step, then projection
-    return best.detach()
+    return (best.detach(), tuple(best_aux)) if return_aux else best.detach()
 
 
 def create_attack(name: str, **kw: object) -> PixelAttack:

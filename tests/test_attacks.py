@@ -185,6 +185,30 @@ def test_latent_pgd_never_worse_than_start() -> None:
         assert (loss(d) >= start_loss - 1e-6).all() and d.abs().max() <= 0.5
 
 
+def test_latent_pgd_aux_is_taken_at_the_returned_iterate() -> None:
+    """return_aux hands back what loss_fn computed at the delta it returns (what NaTra uses
+    instead of decoding and classifying the winner again), for every example and budget."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    y = torch.tensor([0, 1, 2, 0, 1])
+
+    def fn(d: torch.Tensor):
+        x = torch.tanh(3.0 * d)  # non-concave: the best iterate is often not the last
+        logits = lin(x)
+        return F.cross_entropy(logits, y, reduction="none"), x, logits
+
+    for eps, steps in ((0.4, 3), (torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0]), 7), (0.3, 0)):
+        g = torch.Generator().manual_seed(2)
+        d, (x, logits) = latent_pgd(fn, (5, 4), eps=eps, steps=steps, generator=g, return_aux=True)
+        plain = latent_pgd(lambda t: fn(t)[0], (5, 4), eps=eps, steps=steps, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(d, plain)  # the aux path picks the same iterate
+        with torch.no_grad():
+            _, x_ref, logits_ref = fn(d)
+        torch.testing.assert_close(x, x_ref)
+        torch.testing.assert_close(logits, logits_ref)
+        assert not x.requires_grad and not logits.requires_grad
+
+
 def test_latent_pgd_zero_budget_and_no_param_grads() -> None:
     lin = nn.Linear(4, 2)
     fn = lambda d: F.cross_entropy(lin(d), torch.zeros(6, dtype=torch.long), reduction="none")

@@ -55,8 +55,8 @@ def test_latent_pgd_stays_in_ball_and_does_not_lower_the_loss(tiny_world):
     model = create_classifier("small_cnn", num_classes=3, width=4)
     idx = torch.arange(len(y))
     eps = torch.linspace(0.1, 1.0, len(y))
-    x_adv, r = latent_attack(model, src, idx, y, eps, steps=3, step_size=None,
-                             generator=torch.Generator().manual_seed(0), random_start=False)
+    x_adv, r, logits = latent_attack(model, src, idx, y, eps, steps=3, step_size=None,
+                                     generator=torch.Generator().manual_seed(0), random_start=False)
     assert bool((r.abs() <= eps[:, None] + 1e-6).all())
     model.eval()
     with torch.no_grad():

@@ -7,7 +7,7 @@ and decodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,26 +70,34 @@ class LatentSource:
         return self.decode(*self.codes(idx))
 
 
+class LatentAdversary(NamedTuple):
+    x: Tensor  # (B, C, H, W) in [0, 1]: the decoded worst edit
+    r: Tensor  # (B, k): its coefficients, |r|_inf <= eps
+    logits: Tensor  # (B, classes): the model's logits on ``x`` in eval mode
+
+
 def latent_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Tensor, eps: Tensor | float,
                   steps: int, step_size: float | None, generator: torch.Generator | None,
-                  random_start: bool = True) -> Tuple[Tensor, Tensor]:
+                  random_start: bool = True) -> LatentAdversary:
     """Eq. 6: K steps of projected signed-gradient ascent on the CE loss w.r.t. the edit
-    coefficients r (B, k), |r|_inf <= eps. Returns (x_adv in [0, 1], r)."""
+    coefficients r (B, k), |r|_inf <= eps. The attack keeps the images and logits of the
+    iterate it returns, so callers neither decode it again nor classify it again (15 % of a
+    NaTra step's FLOPs, BENCHMARKS.md section 1)."""
     ws, alpha = src.codes(idx)
     y = y.to(src.device)
 
-    def loss_fn(r: Tensor) -> Tensor:
-        return F.cross_entropy(model(src.decode(ws, alpha, r)), y, reduction="none")
+    def loss_fn(r: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        x = src.decode(ws, alpha, r)
+        logits = model(x)
+        return F.cross_entropy(logits, y, reduction="none"), x, logits
 
     if isinstance(eps, Tensor):
         eps = eps.to(src.device)
     with _eval_mode(model):  # BatchNorm statistics are not updated by the attack
-        r = latent_pgd(loss_fn, (idx.shape[0], src.num_directions), eps=eps, steps=steps,
-                       step_size=step_size, random_start=random_start, generator=generator,
-                       device=src.device)
-        with torch.no_grad():
-            x_adv = src.decode(ws, alpha, r)
-    return x_adv, r
+        r, (x_adv, logits) = latent_pgd(loss_fn, (idx.shape[0], src.num_directions), eps=eps, steps=steps,
+                                        step_size=step_size, random_start=random_start, generator=generator,
+                                        device=src.device, return_aux=True)
+    return LatentAdversary(x_adv, r, logits)
 
 
 # --------------------------------------------------------------------------- methods
@@ -102,9 +110,9 @@ def _natra(ctx: AugmentContext, batch: Batch, apt: bool) -> Augmented:
     # tells whether eps_i may grow, so tuning costs no extra forward passes.
     radius = (eps_i + cfg.rho).clamp(max=cfg.eps_cap) if apt else torch.full_like(eps_i, cfg.eps)
     step = cfg.pgd_step_size or None
-    x_adv, _ = latent_attack(ctx.model, src, batch.idx, batch.y, radius, cfg.pgd_steps, step, ctx.generator)
-    with torch.no_grad(), _eval_mode(ctx.model):
-        mis = (ctx.model(x_adv).argmax(1) != batch.y.to(x_adv.device)).cpu()
+    adv = latent_attack(ctx.model, src, batch.idx, batch.y, radius, cfg.pgd_steps, step, ctx.generator)
+    x_adv = adv.x
+    mis = (adv.logits.argmax(1) != batch.y.to(x_adv.device)).cpu()
     if apt:
         src.eps[batch.idx.cpu()] = apt_update(eps_i, mis, cfg.rho, cfg.eps_cap)
     used = eps_i if apt else radius

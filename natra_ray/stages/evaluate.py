@@ -57,9 +57,9 @@ def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.T
     bs = 256
     for i in range(0, len(y), bs):
         idx = torch.arange(i, min(i + bs, len(y)))
-        x_adv, _ = latent_attack(model, src, idx, y[idx], e.natural_eps, e.natural_steps, None, gen)
-        adv_pred.append(_predict(model, x_adv))
-        adv_imgs.append(x_adv.cpu())
+        adv = latent_attack(model, src, idx, y[idx], e.natural_eps, e.natural_steps, None, gen)
+        adv_pred.append(adv.logits.argmax(1).cpu())
+        adv_imgs.append(adv.x.cpu())
     adv_pred_t, adv = torch.cat(adv_pred), torch.cat(adv_imgs)
     out = {"natural_acc": float((adv_pred_t == y).float().mean())}
     # Reconstruction accuracy separates "the classifier dislikes GAN images" from robustness.

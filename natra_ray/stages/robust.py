@@ -57,12 +57,8 @@ def natural_accuracy(model: nn.Module, src: LatentSource, y: torch.Tensor, eps: 
     correct = 0
     for i in range(0, len(y), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(y)))
-        x_adv, _ = latent_attack(model, src, idx, y[idx], eps, steps, None, gen)
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            correct += int((model(x_adv).argmax(1).cpu() == y[idx]).sum())
-            model.train(was)
+        adv = latent_attack(model, src, idx, y[idx], eps, steps, None, gen)  # logits in eval mode
+        correct += int((adv.logits.argmax(1).cpu() == y[idx]).sum())
     return correct / max(1, len(y))
 
 
