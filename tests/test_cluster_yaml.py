@@ -23,4 +23,21 @@ def test_only_ssh_is_open_to_the_world_and_ui_ports_bind_loopback():
         assert not world or (perm["FromPort"], perm["ToPort"]) == (22, 22), perm
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
-    assert "--host 127.0.0.1" in " ".join(cfg["head_setup_commands"])
+    assert "--host 127.0.0.1" in " ".join(cfg["head_setup_commands"])  # the UI for people
+
+
+def test_trials_on_worker_nodes_reach_the_tracking_server():
+    """The tracking server binds the head's private address (not loopback, which trial drivers
+    on other nodes cannot reach, and not 0.0.0.0), and jobs started on the head get its URI."""
+    import re
+
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    setup = " ".join(cfg["head_setup_commands"])
+    server = re.search(r'mlflow server --host ("[^"]+"|\S+) --port (\d+)', setup)
+    assert server, setup
+    private = "\"$(hostname -I | awk '{print $1}')\""
+    assert server.group(1) == private
+    start = " ".join(cfg["head_start_ray_commands"])
+    assert f'MLFLOW_TRACKING_URI="http://{private[1:-1]}:{server.group(2)}"' in start
+    ui = re.search(r"mlflow ui --host 127\.0\.0\.1 --port (\d+)", setup)
+    assert ui and ui.group(1) != server.group(2)

@@ -29,8 +29,8 @@ Things about MLflow 3.x this module works around (all measured with mlflow 3.17)
 
 Multi-node clusters: a ``file://`` artifact location lives on the head node's disk; trials on
 other nodes would write to *their* local disk. Use an MLflow server with proxied artifacts
-(``mlflow server --backend-store-uri sqlite:////abs/mlflow.db --artifacts-destination
-/abs/mlartifacts --host 0.0.0.0``) and ``tracking.uri=http://head:5000`` there.
+on an address the other nodes reach (``ray_cluster.yaml``: the head's private address, with
+``MLFLOW_TRACKING_URI`` set for every job started on the head).
 """
 from __future__ import annotations
 
