@@ -94,3 +94,12 @@ def ray_session(ray_cluster):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smoke_storage(tmp_path_factory) -> Path:
+    """One ``tune.storage_path`` for the smoke sweeps of the session: they share the stage cache,
+    so the smoke GAN, BIES and directions are trained once (the cache is safe under concurrent
+    and killed writers, tests/test_faults_tracking_cache.py). Each sweep keeps its own
+    ``tune.name`` and MLflow store, so their Tune experiments and runs stay apart."""
+    return tmp_path_factory.mktemp("smoke_store")

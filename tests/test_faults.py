@@ -97,9 +97,9 @@ def _children(uri: str, experiment: str):
     return runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
 
 
-def _sweep_cmd(tmp_path: Path, name: str, uri: str, *extra: str) -> list:
+def _sweep_cmd(storage: Path, name: str, uri: str, *extra: str) -> list:
     return [sys.executable, str(REPO / "jobs" / "tune_natra.py"), "--profile", "smoke", "tune.search_space=smoke",
-            f"tune.name={name}", f"tune.storage_path={tmp_path / 'store'}", f"tracking.uri={uri}", *extra]
+            f"tune.name={name}", f"tune.storage_path={storage}", f"tracking.uri={uri}", *extra]
 
 
 def _env(ray_cluster) -> dict:
@@ -108,9 +108,9 @@ def _env(ray_cluster) -> dict:
     return env
 
 
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, tmp_path, smoke_storage):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = _sweep_cmd(tmp_path, "resume", uri, "tune.num_samples=3")
+    cmd = _sweep_cmd(smoke_storage, "resume", uri, "tune.num_samples=3")
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=_env(ray_cluster), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     # Wait for a trial's final report (it carries its MLflow run id, and is sent after the run
@@ -120,7 +120,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_cluster,
     deadline = time.time() + 900
     while first_run_id is None and time.time() < deadline and proc.poll() is None:
         time.sleep(2)
-        for f in (tmp_path / "store" / "tune" / "resume").glob("*/result.json"):
+        for f in (smoke_storage / "tune" / "resume").glob("*/result.json"):
             for line in f.read_text().splitlines():
                 if '"mlflow_run_id"' in line:
                     first_run_id = json.loads(line)["mlflow_run_id"]
@@ -144,7 +144,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(ray_cluster,
     assert again["end_time"] == first_done["end_time"]
 
 
-def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_cluster, tmp_path):
+def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_cluster, tmp_path, smoke_storage):
     space = tmp_path / "diverge.yaml"
     # Two trials: the random sampler (seed 0) draws each learning rate once, so one trial
     # diverges and one trains. The assertions below hold for whichever trial gets which.
@@ -157,7 +157,7 @@ def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_cluster
                      "  - {metric: val_acc, mode: max}\n"
                      "  - {metric: val_natural_acc, mode: max}\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = _sweep_cmd(tmp_path, "diverge", uri, f"tune.search_space={space}", "tune.num_samples=2",
+    cmd = _sweep_cmd(smoke_storage, "diverge", uri, f"tune.search_space={space}", "tune.num_samples=2",
                      "tune.sampler=random", "seed=0", "tune.data_stream=false", "tune.multi_objective=true")
     proc = subprocess.run(cmd, env=_env(ray_cluster), capture_output=True, text=True, timeout=1200, cwd=REPO)
     out = (proc.stdout + proc.stderr)[-4000:]

@@ -72,7 +72,7 @@ def test_two_worker_trainer_matches_single_process(ray_session, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path):
+def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, smoke_storage):
     """`ray job submit -- python jobs/tune_natra.py --profile smoke` on a real local cluster,
     then MLflow holds one parent run and >= 2 finished children with params, metrics, model."""
     import mlflow
@@ -85,7 +85,7 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path):
            "--working-dir", str(REPO),
            "--runtime-env-json", '{"excludes": [".venv", ".git", "*.egg-info", "__pycache__"]}',
            "--", sys.executable, "jobs/tune_natra.py", "--profile", "smoke", "tune.search_space=smoke",
-           "tune.name=ci-smoke", f"tune.storage_path={tmp_path / 'store'}", f"tracking.uri={uri}",
+           "tune.name=ci-smoke", f"tune.storage_path={smoke_storage}", f"tracking.uri={uri}",
            "tune.num_samples=2"]
     for _ in range(30):  # the head's job agent starts after the dashboard answers: wait for it
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
