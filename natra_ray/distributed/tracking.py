@@ -140,14 +140,21 @@ def validate_tracking_uri(uri: str, source: str = "tracking.uri") -> str:
     return uri
 
 
-def resolve_tracking_uri(cfg: "Config") -> str:
-    """``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<storage>/mlflow.db``
-    (absolute, folder created). Raises :class:`TrackingError` for a URI MLflow or Ray cannot use."""
+def given_tracking_uri(cfg: "Config") -> Optional[str]:
+    """The URI the user chose (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``), validated; None
+    when neither is set. Writes nothing, so it can be checked before any compute."""
     if cfg.tracking.uri.strip():
         return validate_tracking_uri(cfg.tracking.uri, "config key tracking.uri")
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return validate_tracking_uri(env, "$MLFLOW_TRACKING_URI")
+    return validate_tracking_uri(env, "$MLFLOW_TRACKING_URI") if env else None
+
+
+def resolve_tracking_uri(cfg: "Config") -> str:
+    """``given_tracking_uri`` or else ``sqlite:///<storage>/mlflow.db`` (absolute, folder
+    created). Raises :class:`TrackingError` for a URI MLflow or Ray cannot use."""
+    given = given_tracking_uri(cfg)
+    if given:
+        return given
     from natra_ray.cli import storage_root
 
     root = storage_root(cfg)
@@ -829,7 +836,7 @@ def fetch_trial_files(uri: str, run_id: str, dst: str | os.PathLike) -> Dict[str
 
 
 __all__ = [
-    "TrackingError", "SUPPORTED_SCHEMES", "resolve_tracking_uri", "validate_tracking_uri", "check_tracking",
+    "TrackingError", "SUPPORTED_SCHEMES", "given_tracking_uri", "resolve_tracking_uri", "validate_tracking_uri", "check_tracking",
     "experiment_name", "default_artifact_root", "ensure_experiment", "SweepTracker", "TrialTracker",
     "register_best", "load_classifier", "open_ui_command", "sanitize_key", "fetch_trial_files",
 ]

@@ -215,13 +215,18 @@ def _worker_setup(config: Dict[str, Any]):
     return cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, loop_config: Dict[str, Any]):
+def largest_node_cpus() -> float:
+    """CPUs of the biggest live node of the connected Ray cluster (1 if none reports any)."""
     import ray
+
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+
+
+def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, loop_config: Dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    scaling = upstream_scaling_config(cfg, node_cpus)
+    scaling = upstream_scaling_config(cfg, largest_node_cpus())
     trainer = TorchTrainer(
         loop,
         train_loop_config={"cfg": cfg.to_dict(), "threads": scaling.resources_per_worker["CPU"], **loop_config},
@@ -352,4 +357,4 @@ def bies_fit(storage_path: Path):
 
 
 __all__ = ["robust_worker_loop", "fit_robust", "gan_worker_loop", "gan_fit", "bies_worker_loop", "bies_fit",
-           "load_result_state", "raise_if_diverged", "scaling_config", "upstream_scaling_config"]
+           "largest_node_cpus", "load_result_state", "raise_if_diverged", "scaling_config", "upstream_scaling_config"]

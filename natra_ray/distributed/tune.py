@@ -63,12 +63,11 @@ def prepare_upstream(cfg: Config, root: Path) -> Dict[str, Any]:
     the driver, which also computes the directions (a PCA / UMAP fit, no training)."""
     import ray
 
-    from natra_ray.distributed.train import bies_fit, gan_fit
+    from natra_ray.distributed.train import bies_fit, gan_fit, largest_node_cpus
     from natra_ray.stages import pipeline
 
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(max(1, min(8, node_cpus))))
+    torch.set_num_threads(int(max(1, min(8, largest_node_cpus()))))
     try:
         train = pipeline.load_splits(cfg)["train"]
         storage = Path(root) / "train_runs"
@@ -232,16 +231,14 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     """The whole sweep; see the module docstring."""
     import ray
 
-    import os
-
     from natra_ray.cli import storage_root
-    from natra_ray.distributed.tracking import SweepTracker, check_tracking, resolve_tracking_uri
+    from natra_ray.distributed.tracking import SweepTracker, check_tracking, given_tracking_uri
 
     # 1. everything checkable, before any compute and before anything is written
     space = load_search_space(cfg.tune.search_space, cfg)
-    uri = cfg.tracking.uri.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri = given_tracking_uri(cfg)
     if uri:  # a given store must answer (the default SQLite file is created below)
-        check_tracking(resolve_tracking_uri(cfg))
+        check_tracking(uri)
     _init_ray(cfg)
     total_cpus = float(ray.cluster_resources().get("CPU", 0))
     concurrent = max_concurrent(cfg, total_cpus)
