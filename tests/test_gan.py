@@ -4,6 +4,7 @@ import torch
 
 from natra_ray.config import load_config
 from natra_ray.data import ImageDataset
+from natra_ray.models import list_discriminators
 from natra_ray.stages import gan
 
 TINY = ["gan.generator=style_tiny", "gan.d_channels=8", "gan.batch_size=8", "gan.style_mixing=0.0",
@@ -45,6 +46,23 @@ def test_one_step_decreases_each_players_loss(loss):
     with torch.no_grad():
         g_after = float(g_loss_fn(tr.D(tr._fake(8))))
     assert g_after < g_before
+
+
+@pytest.mark.parametrize("disc", list_discriminators())
+def test_every_discriminator_learns_and_every_parameter_gets_a_gradient(disc):
+    torch.manual_seed(0)
+    cfg = load_config("smoke", overrides=TINY + [f"gan.discriminator={disc}", "gan.lr=0.01"])
+    tr = gan.GanTrainer(cfg)
+    real, fake = gan.from_unit(_real()), tr.G(torch.randn(8, tr.G.z_dim)).detach()
+    loss = gan.d_logistic_loss(tr.D(real), tr.D(fake))
+    loss.backward()
+    silent = [n for n, p in tr.D.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"{disc}: no gradient reaches {silent}"
+    tr.step = 1  # no lazy R1 on this step
+    for _ in range(3):
+        tr.d_step(_real())
+    with torch.no_grad():
+        assert float(gan.d_logistic_loss(tr.D(real), tr.D(fake))) < float(loss)
 
 
 def test_r1_penalty_is_gradient_norm():

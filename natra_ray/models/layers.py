@@ -35,16 +35,18 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, bias: bool = True, activate: bool = False) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, bias: bool = True, activate: bool = False,
+                 stride: int = 1) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
         self.scale = 1.0 / math.sqrt(in_ch * kernel * kernel)
         self.padding = kernel // 2
+        self.stride = stride
         self.activate = activate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        out = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding, stride=self.stride)
         return lrelu(out) if self.activate else out
 
 
