@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import md_table, start, write_results  # noqa: E402
+from benchlib import cpu_stage_dir, md_table, start, write_results  # noqa: E402
 
 from natra_ray.config import load_config  # noqa: E402
 from natra_ray.data import FASHION_MNIST_CLASSES, ImageDataset, load_dataset  # noqa: E402
 from natra_ray.models import create_classifier, to_unit  # noqa: E402
-from natra_ray.stages import gan, pipeline  # noqa: E402
+from natra_ray.stages import gan  # noqa: E402
 
 log = logging.getLogger("bench_gan")
 CONFIDENT = 0.8  # a sample "is" a class when the judge gives it more than this
@@ -89,11 +89,7 @@ def generator_samples(path: Path, n: int, seed: int = 123) -> torch.Tensor:
 
 
 def default_generator(storage: str) -> Path:
-    from natra_ray.cli import storage_root
-
-    cfg = load_config("cpu")
-    root = Path(storage).expanduser() if storage else storage_root(cfg)
-    path = root / "cache" / f"gan-{pipeline.upstream_keys(cfg)['gan']}" / "generator.pt"
+    path = cpu_stage_dir("gan", storage) / "generator.pt"
     if not path.is_file():
         sys.exit(f"error: no cpu-profile generator at {path}; run `make run` first, or pass "
                  "--generator LABEL=PATH")

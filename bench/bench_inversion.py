@@ -57,11 +57,8 @@ TIMED_STEPS = 100  # the baseline is timed on this many steps and scaled to OPT_
 
 def load_models(storage: Optional[str]) -> Tuple[Generator, nn.Module, Config, str]:
     """(shifted G, encoder, config they belong to, where they came from)."""
-    from natra_ray.cli import storage_root
-
     cfg = load_config("cpu")
-    root = Path(storage).expanduser() if storage else storage_root(cfg)
-    bies_dir = root / "cache" / f"bies-{pipeline.upstream_keys(cfg)['bies']}"
+    bies_dir = benchlib.cpu_stage_dir("bies", storage or "")
     if (bies_dir / "_complete.json").is_file():
         G = gan.load_generator(bies_dir / "generator_shifted.pt")
         return G, bies.load_encoder(bies_dir / "encoder.pt", G), cfg, f"trained cpu-profile upstream ({bies_dir})"

@@ -171,6 +171,18 @@ def start(threads: int = 1) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- models
+def cpu_stage_dir(stage: str, storage: str = "") -> Path:
+    """The stage-cache entry of ``stage`` ("gan", "bies", "directions") for the ``cpu`` profile,
+    i.e. what ``make run`` trained, under ``storage`` (default: the profile's storage root)."""
+    from natra_ray.cli import storage_root
+    from natra_ray.config import load_config
+    from natra_ray.stages import pipeline
+
+    cfg = load_config("cpu")
+    root = Path(storage).expanduser() if storage else storage_root(cfg)
+    return root / "cache" / f"{stage}-{pipeline.upstream_keys(cfg)[stage]}"
+
+
 def random_latent_source(cfg: Any, n_items: int, n_codes: int, seed: int = 0) -> Any:
     """A ``LatentSource`` at ``cfg``'s sizes with random weights: the generator of ``cfg.gan``,
     ``n_items`` random W+ codes (n_codes per item, like LCE's), alpha = (1, 0, ...) and

@@ -293,7 +293,7 @@ def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun]
          pending: List[BenchRun], key: str, root: Path, bench_dir: Path, tracker: Any, parent_id: str) -> BenchmarkOutcome:
     import ray
 
-    from natra_ray.distributed.train import largest_node_cpus
+    from natra_ray.distributed.train import node_threads
     from natra_ray.distributed.tune import _init_ray
 
     b = cfg.benchmark
@@ -308,7 +308,7 @@ def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun]
                               f"lower it")
         # 2. the shared cache (upstream, codes, extra models) in one task with a whole node's CPUs
         t0 = time.time()
-        threads = int(max(1, min(8, largest_node_cpus())))
+        threads = node_threads()
         prep = ray.remote(num_cpus=threads, num_gpus=b.gpus_per_task, max_retries=0)(prepare_caches)
         shared = ray.get(prep.remote(cfg.to_dict(), str(root), methods, threads))
         upstream, facts = shared["upstream"], shared["facts"]

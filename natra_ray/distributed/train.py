@@ -222,6 +222,11 @@ def largest_node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
 
 
+def node_threads() -> int:
+    """Torch threads for work that has a whole node to itself: its CPUs, at most 8."""
+    return int(max(1, min(8, largest_node_cpus())))
+
+
 def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, loop_config: Dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -357,4 +362,4 @@ def bies_fit(storage_path: Path):
 
 
 __all__ = ["robust_worker_loop", "fit_robust", "gan_worker_loop", "gan_fit", "bies_worker_loop", "bies_fit",
-           "largest_node_cpus", "load_result_state", "raise_if_diverged", "scaling_config", "upstream_scaling_config"]
+           "largest_node_cpus", "load_result_state", "node_threads", "raise_if_diverged", "scaling_config", "upstream_scaling_config"]

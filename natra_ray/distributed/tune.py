@@ -63,11 +63,11 @@ def prepare_upstream(cfg: Config, root: Path) -> Dict[str, Any]:
     the driver, which also computes the directions (a PCA / UMAP fit, no training)."""
     import ray
 
-    from natra_ray.distributed.train import bies_fit, gan_fit, largest_node_cpus
+    from natra_ray.distributed.train import bies_fit, gan_fit, node_threads
     from natra_ray.stages import pipeline
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(max(1, min(8, largest_node_cpus()))))
+    torch.set_num_threads(node_threads())
     try:
         train = pipeline.load_splits(cfg)["train"]
         storage = Path(root) / "train_runs"
