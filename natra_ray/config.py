@@ -46,6 +46,9 @@ class GanConfig:
     w_dim: int = 128
     mapping_layers: int = 4
     channels: int = 128  # feature maps at 4x4; halves per resolution doubling (min 16)
+    # How the style generator doubles resolution: "bilinear" interpolation then a 3x3 conv, or
+    # "transpose" (a stride-2 4x4 transposed conv at the old resolution, ~half the generator's cost).
+    upsample: Literal["bilinear", "transpose"] = "bilinear"
     d_channels: int = 64
     loss: Literal["ns_r1", "wgan_gp"] = "ns_r1"
     # R1 weight. StyleGAN2-ADA's rule of thumb is 0.0002 * resolution^2 / batch: ~0.01 at 32 px

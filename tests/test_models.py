@@ -4,13 +4,19 @@ import torch
 
 from natra_ray.models import (create_discriminator, create_encoder, create_generator, create_model,
                               list_classifiers, list_discriminators, list_encoders, list_generators)
+from natra_ray.models.layers import ModulatedConv2d
 from natra_ray.registry import UnknownNameError
+
+
+UPSAMPLE_MODES = ["bilinear", "transpose"]
 
 
 @pytest.mark.parametrize("name", list_generators())
 @pytest.mark.parametrize("res, ch", [(16, 1), (32, 3)])
-def test_generator_shapes(name, res, ch):
-    g = create_generator(name, resolution=res, img_channels=ch, z_dim=16, w_dim=16, channels=16, mapping_layers=2)
+@pytest.mark.parametrize("upsample", UPSAMPLE_MODES)
+def test_generator_shapes(name, res, ch, upsample):
+    g = create_generator(name, resolution=res, img_channels=ch, z_dim=16, w_dim=16, channels=16, mapping_layers=2,
+                         upsample=upsample)
     assert g.num_ws == 2 * int(torch.log2(torch.tensor(res))) - 2  # StyleGAN's count
     z = g.sample_z(3)
     w = g.mapping(z)
@@ -42,10 +48,24 @@ def test_unknown_names_list_known_ones():
         create_model("vae3000", "x")
 
 
-@pytest.fixture
-def tiny():
+@pytest.fixture(params=UPSAMPLE_MODES)
+def tiny(request):
     torch.manual_seed(0)
-    return create_generator("style_tiny", resolution=32)
+    return create_generator("style_tiny", resolution=32, upsample=request.param)
+
+
+def test_transposed_upsampling_conv_keeps_unit_variance():
+    """Demodulation promises unit-variance outputs for unit-variance inputs; each output pixel of
+    the stride-2 transposed conv sees only a quarter of its taps, which the layer must correct."""
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 32, 4, 16, upsample=True, upsample_mode="transpose")
+    out = conv(torch.randn(16, 64, 8, 8), torch.randn(16, 16))
+    assert out.shape == (16, 32, 16, 16)
+    assert 0.85 < float(out[:, :, 2:-2, 2:-2].std()) < 1.15
+    with pytest.raises(ValueError, match="kernel 4"):
+        ModulatedConv2d(8, 8, 3, 16, upsample=True, upsample_mode="transpose")
+    with pytest.raises(ValueError, match="known: bilinear, transpose"):
+        ModulatedConv2d(8, 8, 3, 16, upsample=True, upsample_mode="nearest")
 
 
 def test_w_plus_per_layer_styles_matter(tiny):

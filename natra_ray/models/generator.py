@@ -91,7 +91,7 @@ class StyleGenerator(Generator):
 
     def __init__(self, resolution: int = 32, img_channels: int = 1, z_dim: int = 128, w_dim: int = 128,
                  mapping_layers: int = 4, channels: int = 128, min_channels: int = 16,
-                 mapping_lr_mult: float = 0.01) -> None:
+                 mapping_lr_mult: float = 0.01, upsample: str = "bilinear") -> None:
         super().__init__()
         log_res = int(math.log2(resolution))
         if 2 ** log_res != resolution or resolution < 8:
@@ -114,7 +114,8 @@ class StyleGenerator(Generator):
         self._shapes = [(ch(4), 4, 4)]  # shape after each layer
         for lr in range(3, log_res + 1):
             res = 2 ** lr
-            convs.append(ModulatedConv2d(ch(res // 2), ch(res), 3, w_dim, upsample=True))
+            convs.append(ModulatedConv2d(ch(res // 2), ch(res), 4 if upsample == "transpose" else 3,
+                                         w_dim, upsample=True, upsample_mode=upsample))
             convs.append(ModulatedConv2d(ch(res), ch(res), 3, w_dim))
             self._shapes += [(ch(res), res, res)] * 2
         self.convs = nn.ModuleList(convs)
@@ -171,14 +172,17 @@ class StyleGenerator(Generator):
 @GENERATORS.register("style")
 def style(resolution: int = 32, img_channels: int = 1, z_dim: int = 128, w_dim: int = 128,
           mapping_layers: int = 4, channels: int = 128, min_channels: int = 16,
-          mapping_lr_mult: float = 0.01) -> StyleGenerator:
-    """StyleGAN2-style generator; sizes come from the ``gan`` config section."""
+          mapping_lr_mult: float = 0.01, upsample: str = "bilinear") -> StyleGenerator:
+    """StyleGAN2-style generator; sizes come from the ``gan`` config section. ``upsample``:
+    "bilinear" (interpolate, then a 3x3 conv at the new resolution) or "transpose" (a stride-2
+    4x4 transposed conv at the old resolution: ~half the generator's multiply-adds)."""
     return StyleGenerator(resolution, img_channels, z_dim, w_dim, mapping_layers, channels,
-                          min_channels, mapping_lr_mult)
+                          min_channels, mapping_lr_mult, upsample)
 
 
 @GENERATORS.register("style_tiny")
-def style_tiny(resolution: int = 32, img_channels: int = 1, **_ignored: object) -> StyleGenerator:
+def style_tiny(resolution: int = 32, img_channels: int = 1, upsample: str = "bilinear",
+               **_ignored: object) -> StyleGenerator:
     """A few thousand parameters: makes every later stage testable on CPU in seconds."""
     return StyleGenerator(resolution, img_channels, z_dim=16, w_dim=16, mapping_layers=2,
-                          channels=16, min_channels=8)
+                          channels=16, min_channels=8, upsample=upsample)

@@ -50,12 +50,15 @@ class EqualConv2d(nn.Module):
         return lrelu(out) if self.activate else out
 
 
+UPSAMPLE_MODES = ("bilinear", "transpose")
+
+
 class ModulatedConv2d(nn.Module):
     """StyleGAN2 modulated convolution: the style scales input channels, then demodulation
     renormalises each output channel (replacing AdaIN's instance norm, no droplet artifacts)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, w_dim: int, demodulate: bool = True,
-                 upsample: bool = False) -> None:
+                 upsample: bool = False, upsample_mode: str = "bilinear") -> None:
         super().__init__()
         self.in_ch, self.out_ch, self.kernel = in_ch, out_ch, kernel
         self.weight = nn.Parameter(torch.randn(1, out_ch, in_ch, kernel, kernel))
@@ -63,6 +66,13 @@ class ModulatedConv2d(nn.Module):
         self.affine = EqualLinear(w_dim, in_ch, bias_init=1.0)  # style starts at 1 = identity
         self.demodulate = demodulate
         self.upsample = upsample
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown upsample_mode {upsample_mode!r}; known: {', '.join(UPSAMPLE_MODES)}")
+        self.upsample_mode = upsample_mode
+        self.transposed = upsample and upsample_mode == "transpose"
+        if self.transposed and kernel != 4:
+            raise ValueError(f"the transposed upsampling conv needs kernel 4 (even overlap, no "
+                             f"checkerboard); got {kernel}")
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # x: (B, in, H, W), w: (B, w_dim)
@@ -72,11 +82,24 @@ class ModulatedConv2d(nn.Module):
         # convolution instead of a grouped one, which is ~3x faster on CPU.
         style = self.affine(w)  # (B, in)
         weight = self.scale * self.weight[0]  # (out, in, k, k)
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        out = F.conv2d(x * style[:, :, None, None], weight, padding=self.kernel // 2)
+        x = x * style[:, :, None, None]
+        if self.transposed:
+            # 2x upsampling fused with the conv (DCGAN's and StyleGAN2's path): a stride-2
+            # transposed 4x4 conv runs at the *input* resolution, ~4x fewer multiply-adds than
+            # interpolating first, and its taps overlap evenly (no checkerboard).
+            out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2, padding=1)
+        elif self.kernel == 1 and not self.upsample:
+            # A 1x1 conv (to_rgb) as one batched matmul: ~4x faster than the conv path on CPU.
+            b, c, h, w_ = x.shape
+            out = torch.matmul(weight[:, :, 0, 0], x.reshape(b, c, h * w_)).view(b, -1, h, w_)
+        else:
+            if self.upsample:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            out = F.conv2d(x, weight, padding=self.kernel // 2)
         if self.demodulate:
             # sum_{in,k,k} (W * s)^2 = s^2 @ sum_{k,k} W^2  -> (B, out)
             demod = torch.rsqrt(style.pow(2) @ weight.pow(2).sum(dim=(2, 3)).t() + 1e-8)
+            if self.transposed:
+                demod = demod * 2.0  # each output pixel sees 2x2 of the 4x4 taps: 1/4 the variance
             out = out * demod[:, :, None, None]
         return out

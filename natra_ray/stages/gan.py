@@ -79,7 +79,7 @@ def generator_kwargs(cfg: Config) -> Dict[str, Any]:
     g = cfg.gan
     return dict(resolution=cfg.data.image_size, img_channels=cfg.data.channels, z_dim=g.z_dim,
                 w_dim=g.w_dim, mapping_layers=g.mapping_layers, channels=g.channels,
-                mapping_lr_mult=g.mapping_lr_mult)
+                mapping_lr_mult=g.mapping_lr_mult, upsample=g.upsample)
 
 
 def discriminator_kwargs(cfg: Config) -> Dict[str, Any]:
