@@ -15,6 +15,10 @@ eye is the acceptance; this script puts a number beside it. A reference classifi
 The same numbers for real test images are the ceiling. The reference classifier's own test
 accuracy is in the header (a weaker judge lowers every row alike).
 
+``--gallery DIR`` also writes, per generator, ``DIR/gan_gallery_<n>.png``: one row per class
+(T-shirt first), the samples the judge rates most likely to be that class. It is the by-eye
+check of each class that a random grid leaves to chance (a rare class may not show up in 64).
+
 Generators: ``--generator LABEL=PATH`` (repeatable); by default the ``cpu`` profile's GAN from
 the stage cache (``<storage>/cache/gan-<key>/generator.pt``, what ``make run`` trained).
 
@@ -40,6 +44,7 @@ from natra_ray.config import load_config  # noqa: E402
 from natra_ray.data import FASHION_MNIST_CLASSES, ImageDataset, load_dataset  # noqa: E402
 from natra_ray.models import create_classifier, to_unit  # noqa: E402
 from natra_ray.stages import gan  # noqa: E402
+from natra_ray.viz import save_grid  # noqa: E402
 
 log = logging.getLogger("bench_gan")
 CONFIDENT = 0.8  # a sample "is" a class when the judge gives it more than this
@@ -82,6 +87,13 @@ def judge(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, Any]:
 
 
 @torch.no_grad()
+def class_gallery(model: torch.nn.Module, images: torch.Tensor, per_class: int = 10) -> torch.Tensor:
+    """(10 * per_class, C, H, W): for each class in order, the images with the highest p(class)."""
+    p = torch.cat([F.softmax(model(images[i:i + 500]), 1) for i in range(0, len(images), 500)])
+    return torch.cat([images[p[:, c].argsort(descending=True)[:per_class]] for c in range(p.shape[1])])
+
+
+@torch.no_grad()
 def generator_samples(path: Path, n: int, seed: int = 123) -> torch.Tensor:
     G = gan.load_generator(path)
     z = G.sample_z(n, torch.Generator().manual_seed(seed))
@@ -102,6 +114,8 @@ def main() -> None:
     ap.add_argument("--generator", action="append", default=[], metavar="LABEL=PATH",
                     help="a generator checkpoint to score (repeatable); default: the cpu profile's cached GAN")
     ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--gallery", default="", metavar="DIR",
+                    help="also write DIR/gan_gallery_<n>.png per generator: each class's most typical samples")
     ap.add_argument("--storage", default="", help="storage root with the stage cache (default ~/natra_ray_results)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -124,8 +138,12 @@ def main() -> None:
     log.info("judge: small_cnn, %d images x %d epochs, test accuracy %.3f (%.0f s)", len(train), epochs, acc, time.time() - t)
 
     rows: Dict[str, Dict[str, Any]] = {f"real test images ({args.samples})": judge(model, test.images[:args.samples])}
-    for label, path in gens:
-        rows[label] = {**judge(model, generator_samples(path, args.samples)), "path": str(path)}
+    for i, (label, path) in enumerate(gens):
+        images = generator_samples(path, args.samples)
+        rows[label] = {**judge(model, images), "path": str(path)}
+        if args.gallery:
+            rows[label]["gallery"] = str(save_grid(class_gallery(model, images),
+                                                   Path(args.gallery) / f"gan_gallery_{i}.png", nrow=10, upscale=3))
 
     names = [c.split("/")[0][:7] for c in FASHION_MNIST_CLASSES]
     table = md_table(["images", "classes covered", "classifier IS", "mean conf."] + names,
@@ -134,7 +152,9 @@ def main() -> None:
     body = (f"Judge: `small_cnn` (width 32) trained on {len(train):,} real Fashion-MNIST images for {epochs} "
             f"epochs; test accuracy **{acc:.3f}**. Each row: {args.samples} images; class columns count the images "
             f"the judge gives > {CONFIDENT} confidence; a class is covered at >= {COVERED:.0%} of the images.\n\n"
-            + table + "\n\n" + "\n".join(f"* {k}: `{r['path']}`" for k, r in rows.items() if "path" in r))
+            + table + "\n\n" + "\n".join(f"* {k}: `{r['path']}`" + (f"; per-class gallery `{r['gallery']}`"
+                                                                        if "gallery" in r else "")
+                                           for k, r in rows.items() if "path" in r))
     write_results("gan", "quick" if args.quick else "full", body,
                   {"judge_test_accuracy": acc, "rows": rows}, info)
 
