@@ -74,22 +74,24 @@ def train_judge(train: ImageDataset, test: ImageDataset, epochs: int, seed: int 
 
 
 @torch.no_grad()
-def judge(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, Any]:
-    """The scores above for images in [0, 1], (N, 1, 32, 32)."""
-    p = torch.cat([F.softmax(model(images[i:i + 500]), 1) for i in range(0, len(images), 500)])
+def class_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """p(y|x), (N, 10), for images in [0, 1], (N, 1, 32, 32)."""
+    return torch.cat([F.softmax(model(images[i:i + 500]), 1) for i in range(0, len(images), 500)])
+
+
+def judge(p: torch.Tensor) -> Dict[str, Any]:
+    """The scores above from the judge's class probabilities p(y|x), (N, 10)."""
     marginal = p.mean(0)
     kl = (p * (p.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(1)
     conf, pred = p.max(1)
     counts = torch.bincount(pred[conf > CONFIDENT], minlength=10).tolist()
-    return {"classes_covered": sum(c >= COVERED * len(images) for c in counts),
+    return {"classes_covered": sum(c >= COVERED * len(p) for c in counts),
             "classifier_is": float(kl.mean().exp()), "mean_confidence": float(conf.mean()),
-            "confident_per_class": counts, "n": len(images)}
+            "confident_per_class": counts, "n": len(p)}
 
 
-@torch.no_grad()
-def class_gallery(model: torch.nn.Module, images: torch.Tensor, per_class: int = 10) -> torch.Tensor:
+def class_gallery(p: torch.Tensor, images: torch.Tensor, per_class: int = 10) -> torch.Tensor:
     """(10 * per_class, C, H, W): for each class in order, the images with the highest p(class)."""
-    p = torch.cat([F.softmax(model(images[i:i + 500]), 1) for i in range(0, len(images), 500)])
     return torch.cat([images[p[:, c].argsort(descending=True)[:per_class]] for c in range(p.shape[1])])
 
 
@@ -137,12 +139,14 @@ def main() -> None:
     model, acc = train_judge(train, test, epochs)
     log.info("judge: small_cnn, %d images x %d epochs, test accuracy %.3f (%.0f s)", len(train), epochs, acc, time.time() - t)
 
-    rows: Dict[str, Dict[str, Any]] = {f"real test images ({args.samples})": judge(model, test.images[:args.samples])}
+    real = class_probabilities(model, test.images[:args.samples])
+    rows: Dict[str, Dict[str, Any]] = {f"real test images ({args.samples})": judge(real)}
     for i, (label, path) in enumerate(gens):
         images = generator_samples(path, args.samples)
-        rows[label] = {**judge(model, images), "path": str(path)}
+        p = class_probabilities(model, images)
+        rows[label] = {**judge(p), "path": str(path)}
         if args.gallery:
-            rows[label]["gallery"] = str(save_grid(class_gallery(model, images),
+            rows[label]["gallery"] = str(save_grid(class_gallery(p, images),
                                                    Path(args.gallery) / f"gan_gallery_{i}.png", nrow=10, upscale=3))
 
     names = [c.split("/")[0][:7] for c in FASHION_MNIST_CLASSES]

@@ -4,11 +4,8 @@ import torch
 
 from natra_ray.models import (create_discriminator, create_encoder, create_generator, create_model,
                               list_classifiers, list_discriminators, list_encoders, list_generators)
-from natra_ray.models.layers import ModulatedConv2d
+from natra_ray.models.layers import UPSAMPLE_MODES, ModulatedConv2d
 from natra_ray.registry import UnknownNameError
-
-
-UPSAMPLE_MODES = ["bilinear", "transpose"]
 
 
 @pytest.mark.parametrize("name", list_generators())

@@ -68,7 +68,6 @@ class ModulatedConv2d(nn.Module):
         self.upsample = upsample
         if upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"unknown upsample_mode {upsample_mode!r}; known: {', '.join(UPSAMPLE_MODES)}")
-        self.upsample_mode = upsample_mode
         self.transposed = upsample and upsample_mode == "transpose"
         if self.transposed and kernel != 4:
             raise ValueError(f"the transposed upsampling conv needs kernel 4 (even overlap, no "
