@@ -167,12 +167,18 @@ def _empty_class(root: Path) -> Path:
     return root
 
 
+def _one_class(root: Path) -> Path:
+    return image_folder(root, classes=("cat",))
+
+
 DATA_CASES = {
     "missing dataset directory": (_missing_folder, r"^error: image folder .*/no_such_folder does not exist"),
     "corrupt image": (_corrupt, r"^error: cannot decode image .*/cat/9\.png: .*\(corrupt or truncated"),
     "mixed sizes": (_mixed_sizes, r"^error: images have mixed sizes: .* is 8x8 but .*/dog/big\.png is 10x12"),
     "mixed channels": (_mixed_channels, r"^error: images have mixed channel modes: .* is L but .*/dog/color\.png is RGB"),
     "empty class folder": (_empty_class, r"^error: class folder .*/zebra has no images"),
+    "a single class": (_one_class, r"^error: image folder .*/imgs has 1 class \(cat\); a classifier needs at least "
+                                   r"two class folders"),
 }
 
 

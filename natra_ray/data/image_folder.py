@@ -64,6 +64,11 @@ def _list(split_root: Path, class_names: Optional[List[str]] = None) -> Tuple[Li
         )
     names = [d.name for d in dirs]
     if class_names is None:
+        if len(names) < 2:  # one class trains a "classifier" that is right by construction
+            raise DatasetError(
+                f"image folder {split_root} has 1 class ({names[0]}); a classifier needs at least two "
+                "class folders: add a sub-folder of images for each other class"
+            )
         class_names = names
     else:
         extra = sorted(set(names) - set(class_names))
