@@ -251,7 +251,7 @@ def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: O
                   resume: bool = True) -> BenchmarkOutcome:
     """The whole benchmark; see the module docstring."""
     from natra_ray.cli import storage_root
-    from natra_ray.distributed.tracking import SweepTracker
+    from natra_ray.distributed.tracking import SweepTracker, recorded_parent_run, resolve_tracking_uri, save_parent_run
 
     # 1. checks, before any compute
     methods, seeds = resolve_methods(methods, cfg), resolve_seeds(seeds, cfg)
@@ -262,6 +262,10 @@ def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: O
     if not resume and bench_dir.exists():
         log.info("--fresh: removing the earlier results of benchmark %r (%s)", cfg.benchmark.name, bench_dir)
         shutil.rmtree(bench_dir)
+    tcfg = _tracking_cfg(cfg)
+    parent_id = recorded_parent_run(bench_dir, resolve_tracking_uri(tcfg), f"benchmark {cfg.benchmark.name!r}",
+                                    f"start over in the new store with another --name, or with --fresh (which "
+                                    f"deletes the finished results in {bench_dir})")
     bench_dir.mkdir(parents=True, exist_ok=True)
     key_file = bench_dir / "setup_key"
     if key_file.exists() and key_file.read_text().strip() != key:
@@ -271,15 +275,13 @@ def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: O
     runs = [BenchRun(m, s) for s in seeds for m in methods]  # seed-major: a whole first seed comes first
     done = {r.name: res for r in runs if (res := load_result(bench_dir, r, key)) is not None}
     pending = [r for r in runs if r.name not in done]
-    tracker = SweepTracker.from_config(_tracking_cfg(cfg))
-    parent_file = bench_dir / "mlflow_parent_run_id"
-    parent_id = parent_file.read_text().strip() if parent_file.exists() else None
+    tracker = SweepTracker.from_config(tcfg)
     parent_id = tracker.start_parent(f"benchmark-{cfg.benchmark.name}", params=setup_params(bcfg),
                                      tags={"natra.role": "benchmark", "natra.profile": cfg.profile,
                                            "natra.setup_key": key, "natra.methods": ",".join(methods),
                                            "natra.seeds": ",".join(map(str, seeds))},
                                      parent_run_id=parent_id)
-    parent_file.write_text(parent_id)
+    save_parent_run(bench_dir, tracker.uri, parent_id)
     log.info("benchmark %r: %d methods x %d seeds = %d runs; %d finished earlier, %d to run",
              cfg.benchmark.name, len(methods), len(seeds), len(runs), len(done), len(pending))
     try:

@@ -644,6 +644,69 @@ class SweepTracker(_RunLogger):
         self._terminate(status, reason)
 
 
+# --------------------------------------------------------------------------- which store a parent run is in
+# A resumable job (sweep, benchmark) keeps its parent run id in its folder under the storage root,
+# which outlives any one tracking URI: the record names the store too, so a resume pointed at
+# another store is refused with what to do, instead of MLflow's "run not found".
+PARENT_RECORD = "mlflow_parent.json"
+_PLAIN_PARENT_RECORD = "mlflow_parent_run_id"  # the older record: the run id alone
+
+
+def _store_key(uri: str) -> str:
+    """One spelling per store: an SQLite file by its real path, anything else as written."""
+    uri = uri.strip()
+    if _scheme(uri) == "sqlite":
+        return "sqlite:///" + os.path.realpath("/" + _sqlite_path(uri).lstrip("/"))
+    return uri.rstrip("/")
+
+
+def recorded_parent_run(folder: str | os.PathLike, uri: str, what: str, start_over: str) -> Optional[str]:
+    """The parent run id an earlier invocation saved in ``folder``, to reopen in store ``uri``;
+    ``None`` when there is none. A record from another store raises :class:`TrackingError` naming
+    both stores (``what``: e.g. "benchmark 'x'"; ``start_over``: how to begin afresh instead).
+    Deletes nothing; the store is queried only for an older record that lacks its URI."""
+    import json
+
+    folder = Path(folder)
+    record, plain = folder / PARENT_RECORD, folder / _PLAIN_PARENT_RECORD
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())
+            run_id, old_uri = str(data["parent_run_id"]), str(data["tracking_uri"])
+        except (ValueError, KeyError, TypeError):
+            raise TrackingError(f"{record} is not a parent-run record ({{\"tracking_uri\", \"parent_run_id\"}}); "
+                                f"restore it, or delete it to start a new MLflow parent run") from None
+        if _store_key(old_uri) != _store_key(uri):
+            raise TrackingError(f"the {what} was started with MLflow store {old_uri} (parent run {run_id}); this run "
+                                f"uses {uri}. Use the same tracking URI to resume, or {start_over}")
+        return run_id
+    if not plain.is_file() or not plain.read_text().strip():
+        return None
+    run_id = plain.read_text().strip()
+    check_tracking(uri)  # an unreachable server says so, rather than "could not fetch the run"
+    try:
+        _retry(lambda: _client(uri).get_run(run_id), f"fetch run {run_id}")
+    except TrackingError as e:
+        if _error_code(e.__cause__) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise TrackingError(f"the {what} was started with another MLflow store: its parent run {run_id} is not in "
+                            f"{uri}. Use the tracking URI it was started with to resume, or {start_over}") from None
+    return run_id
+
+
+def save_parent_run(folder: str | os.PathLike, uri: str, run_id: str) -> None:
+    """Record ``run_id`` and its store in ``folder`` (write-then-rename: a killed writer never
+    leaves a half record) for :func:`recorded_parent_run`."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{PARENT_RECORD}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"tracking_uri": uri, "parent_run_id": run_id}) + "\n")
+    os.replace(tmp, folder / PARENT_RECORD)
+    (folder / _PLAIN_PARENT_RECORD).unlink(missing_ok=True)
+
+
 class TrialTracker(_RunLogger):
     """One trial's child run. Built from plain values, so it pickles into a Ray worker; the MLflow
     client is created lazily in the process that uses it. Also a context manager::
@@ -838,5 +901,6 @@ def fetch_trial_files(uri: str, run_id: str, dst: str | os.PathLike) -> Dict[str
 __all__ = [
     "TrackingError", "SUPPORTED_SCHEMES", "given_tracking_uri", "resolve_tracking_uri", "validate_tracking_uri", "check_tracking",
     "experiment_name", "default_artifact_root", "ensure_experiment", "SweepTracker", "TrialTracker",
+    "recorded_parent_run", "save_parent_run",
     "register_best", "load_classifier", "open_ui_command", "sanitize_key", "fetch_trial_files",
 ]

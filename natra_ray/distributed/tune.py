@@ -232,11 +232,18 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     import ray
 
     from natra_ray.cli import storage_root
-    from natra_ray.distributed.tracking import SweepTracker, check_tracking, given_tracking_uri
+    from natra_ray.distributed.tracking import (SweepTracker, check_tracking, given_tracking_uri, recorded_parent_run,
+                                                resolve_tracking_uri, save_parent_run)
 
     # 1. everything checkable, before any compute and before anything is written
     space = load_search_space(cfg.tune.search_space, cfg)
     uri = given_tracking_uri(cfg)
+    root = storage_root(cfg)
+    sweep_dir = root / "sweeps" / cfg.tune.name
+    parent_id = None
+    if resume:  # the parent run it reopens must be in this store (without --resume a new one starts)
+        parent_id = recorded_parent_run(sweep_dir, resolve_tracking_uri(cfg), f"sweep {cfg.tune.name!r}",
+                                        "start over in the new store without --resume, or with another tune.name")
     if uri:  # a given store must answer (the default SQLite file is created below)
         check_tracking(uri)
     _init_ray(cfg)
@@ -244,17 +251,13 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     concurrent = max_concurrent(cfg, total_cpus)
     log.info("cluster: %g CPUs; each trial needs %g -> %d concurrent trial(s)", total_cpus, trial_cpus(cfg), concurrent)
     tracker = SweepTracker.from_config(cfg, check=not uri)
-    root = storage_root(cfg)
-    sweep_dir = root / "sweeps" / cfg.tune.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. MLflow parent run (reopened on --resume so children stay under one parent)
-    parent_file = sweep_dir / "mlflow_parent_run_id"
-    parent_id = parent_file.read_text().strip() if resume and parent_file.exists() else None
     parent_id = tracker.start_parent(f"sweep-{cfg.tune.name}", params=cfg.flat(),
                                      tags={"natra.search_space": space.name, "natra.profile": cfg.profile},
                                      parent_run_id=parent_id)
-    parent_file.write_text(parent_id)
+    save_parent_run(sweep_dir, tracker.uri, parent_id)
 
     try:
         return _sweep(cfg, resume, num_samples, space, tracker, root, sweep_dir, concurrent, parent_id)
