@@ -1,19 +1,14 @@
 """Shared fixtures.
 
 One local Ray cluster serves every test marked ``ray``: started lazily (``ray start --head
---block`` on loopback, so `ray job submit` can reach its dashboard too) the first time a test
-asks for it, and stopped at the end of the session. A ray.init costs ~13 s here; paying it
+--block`` on loopback, so `ray job submit` can reach its dashboard too; ``local_cluster.py``)
+the first time a test asks for it, and stopped at the end of the session. A ray.init costs ~13 s here; paying it
 once keeps the suite fast.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -24,61 +19,27 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-# `ray start --head` keeps the cluster's token in ~/.ray/auth_token; a client sends it only when
-# RAY_AUTH_MODE=token (Ray 2.60's token authentication stays on). Set before Ray is imported.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-RAY = str(Path(sys.executable).with_name("ray"))
+
+from local_cluster import own_token, start_head, stop_head  # noqa: E402
+
+# The suite brings its own Ray token (see local_cluster.py): it never reads or writes
+# ~/.ray/auth_token, so a brand-new machine and one that has run Ray before behave the same.
+# Set before Ray is imported, so every Ray process of the session (heads, local ray.init, the
+# jobs the tests start as subprocesses) inherits it.
+_TOKEN_DIR = tempfile.mkdtemp(prefix="natra-token-")
+RAY_TOKEN = own_token(_TOKEN_DIR)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_unconfigure(config):
+    shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real local cluster: {"address": gcs address, "dashboard": http url}."""
-    port, dash = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
-    # Our own temp dir (short: Ray's socket paths must stay under 107 chars) marks every
-    # process of this cluster, so teardown stops exactly them and not a user's cluster.
-    temp_dir = tempfile.mkdtemp(prefix="natra-rt-", dir="/tmp")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         f"--temp-dir={temp_dir}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    address, url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    import urllib.request
-
-    import urllib.error
-
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # answering at all (401 under token auth) means it is up
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray start failed; see {log.name}")
-            time.sleep(1)
-    yield {"address": address, "dashboard": url}
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    subprocess.run(["pkill", "-f", temp_dir], check=False)  # stragglers (gcs, workers) of this cluster
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    # `ray start` records the head in /tmp/ray/ray_current_cluster; a stale record makes a later
-    # plain ray.init() try to join this dead cluster.
-    current = Path("/tmp/ray/ray_current_cluster")
-    if current.exists() and current.read_text().strip().endswith(f":{port}"):
-        current.unlink()
+    head = start_head(tmp_path_factory.mktemp("ray") / "ray_start.log")
+    yield head.as_dict()
+    stop_head(head)
 
 
 @pytest.fixture(scope="session")

@@ -209,7 +209,8 @@ def test_local_ray_dashboard_binds_loopback_and_requires_the_token(tmp_path):
 @pytest.mark.ray
 def test_cluster_refuses_requests_without_the_token(ray_cluster):
     """`ray start --head` as the README and conftest run it: the jobs API answers only to the
-    token in ~/.ray/auth_token, which is how `ray job submit` authenticates (RAY_AUTH_MODE=token)."""
+    cluster's token (the suite's own file, RAY_AUTH_TOKEN_PATH; on a user's machine
+    ~/.ray/auth_token), which is how `ray job submit` authenticates (RAY_AUTH_MODE=token)."""
     import urllib.error
     import urllib.request
 
@@ -220,7 +221,7 @@ def test_cluster_refuses_requests_without_the_token(ray_cluster):
         except urllib.error.HTTPError as e:
             return e.code
 
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     assert status({}) == 401
     assert status({"Authorization": "Bearer wrong"}) == 403
     assert status({"Authorization": f"Bearer {token}"}) == 200

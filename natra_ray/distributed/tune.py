@@ -87,6 +87,7 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from natra_ray.data.datasets import dataset_card, input_spec, load_dataset
     from natra_ray.distributed import data as rdata
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.augment.latent import lce_codes_for
@@ -109,6 +110,7 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     try:
         rootp = Path(root)
         splits = pipeline.load_splits(cfg)
+        tracker.log_dataset(dataset_card(cfg.data, splits))
         up = pipeline.Upstream(Path(upstream["generator_path"]), Path(upstream["encoder_path"]),
                                Path(upstream["directions_path"]), {}, {})
         n_codes = lce_codes_for(cfg.robust.method, cfg.encoder.lce_codes)
@@ -150,8 +152,9 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
                 tracker.log_artifact(str(png), artifact_path=f"upstream/{Path(d).name}")
         for png in out.glob("*.png"):
             tracker.log_artifact(str(png))
-        example = splits["test"].images[:2].numpy()
-        tracker.log_classifier(model, example)
+        # the logged model takes the dataset's own images (its test images as read) and pads them itself
+        native = load_dataset(cfg.data, "test", seed=pipeline.UPSTREAM_SEED, native=True).images[:4]
+        tracker.log_classifier(model, native.numpy(), input_spec(cfg.data))
         tracker.end("FINISHED")
         ray.tune.report({**final, "mlflow_run_id": tracker.run_id, "done": True})
     except BaseException as e:  # the reason must reach MLflow before the trial dies
