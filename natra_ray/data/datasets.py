@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,34 +63,95 @@ class ImageDataset:
 
 
 # --------------------------------------------------------------------------- conversion
-def to_float_images(u8: np.ndarray, image_size: int, channels: int, pad_28_to_32: bool = False) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` or ``(N, C, H, W)`` -> float32 ``(N, channels, size, size)`` in [0, 1].
-
-    ``pad_28_to_32`` zero-pads 28 px to 32 px (centered) instead of resizing: the generator
-    needs a power-of-two side, and padding keeps the original pixels untouched.
-    """
-    if u8.ndim == 3:
-        u8 = u8[:, None]
-    h, w = u8.shape[-2:]
+def _pad_box(h: int, w: int, image_size: int, pad_28_to_32: bool) -> Optional[Tuple[int, int, int, int]]:
+    """The zeros (left, right, top, bottom) that take an ``h`` x ``w`` image to ``image_size``
+    when the rule is to pad (28 px Fashion-MNIST to 32, centered); ``None`` when it resizes."""
     if pad_28_to_32 and (h, w) == (28, 28) and image_size == 32:
-        # pad while still uint8: a quarter of the memory traffic of padding floats
-        padded = np.zeros(u8.shape[:2] + (32, 32), dtype=np.uint8)
-        padded[:, :, 2:30, 2:30] = u8
-        u8, h, w = padded, 32, 32
-    x = torch.from_numpy(np.ascontiguousarray(u8)).to(torch.float32).div_(255.0)
-    if (h, w) != (image_size, image_size):
-        if len(x):
-            # antialias only when shrinking: it blurs away aliasing, not detail
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                              align_corners=False, antialias=image_size < min(h, w))
-            x = x.clamp_(0.0, 1.0)
-        else:
-            x = x.new_zeros((0, x.shape[1], image_size, image_size))
+        return (2, 2, 2, 2)
+    return None
+
+
+def fit_images(x: torch.Tensor, image_size: int, channels: int, pad_28_to_32: bool = False) -> torch.Tensor:
+    """float ``(N, C, H, W)`` in [0, 1] -> ``(N, channels, size, size)``: the geometry and channel
+    rule of :func:`to_float_images`, on tensors (so a model can apply it to its input, and
+    ``torch.export`` can trace it). ``N`` must be >= 1."""
+    h, w = x.shape[-2:]
+    box = _pad_box(h, w, image_size, pad_28_to_32)
+    if box is not None:
+        x = F.pad(x, box)
+    elif (h, w) != (image_size, image_size):
+        # antialias only when shrinking: it blurs away aliasing, not detail
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                          align_corners=False, antialias=image_size < min(h, w))
+        x = x.clamp(0.0, 1.0)
     if x.shape[1] != channels:
         if not (x.shape[1] == 1 and channels == 3):
             raise ValueError(f"cannot convert {x.shape[1]} channels to {channels}")
         x = x.repeat(1, 3, 1, 1)  # gray -> RGB; a real copy so in-place edits stay per-channel
-    return x.contiguous()
+    return x
+
+
+def _u8_to_float(u8: np.ndarray) -> torch.Tensor:
+    if u8.ndim == 3:
+        u8 = u8[:, None]
+    return torch.from_numpy(np.ascontiguousarray(u8)).to(torch.float32).div_(255.0)
+
+
+def to_float_images(u8: np.ndarray, image_size: int, channels: int, pad_28_to_32: bool = False) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` or ``(N, C, H, W)`` -> float32 ``(N, channels, size, size)`` in [0, 1].
+
+    ``pad_28_to_32`` zero-pads 28 px to 32 px (centered) instead of resizing: the generator
+    needs a power-of-two side, and padding keeps the original pixels untouched. The rule is
+    :func:`fit_images`'s (zeros padded before or after the /255 are the same floats).
+    """
+    if u8.ndim == 3:
+        u8 = u8[:, None]
+    h, w = u8.shape[-2:]
+    box = _pad_box(h, w, image_size, pad_28_to_32)
+    if box is not None:
+        # pad while still uint8: a quarter of the memory traffic of padding floats
+        left, right, top, bottom = box
+        padded = np.zeros(u8.shape[:2] + (top + h + bottom, left + w + right), dtype=np.uint8)
+        padded[:, :, top:top + h, left:left + w] = u8
+        u8 = padded
+    if not len(u8):
+        return torch.zeros((0, channels, image_size, image_size))
+    return fit_images(_u8_to_float(u8), image_size, channels, pad_28_to_32).contiguous()
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A dataset's images as its reader delivers them (``channels`` x ``height`` x ``width``, float
+    in [0, 1]: Fashion-MNIST 1x28x28; an image folder already resized to ``data.image_size``) and
+    what the loader makes of them for the models (:func:`preprocess`)."""
+
+    channels: int
+    height: int
+    width: int
+    image_size: int  # data.image_size
+    model_channels: int  # data.channels
+    pad_28_to_32: bool
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def model_shape(self) -> Tuple[int, int, int]:
+        return (self.model_channels, self.image_size, self.image_size)
+
+    @classmethod
+    def identity(cls, channels: int, height: int, width: int) -> "InputSpec":
+        """Images already at the model's size (nothing to do but check the shape)."""
+        if height != width:
+            raise ValueError(f"the models take square images; got {height}x{width}")
+        return cls(channels, height, width, height, channels, False)
+
+
+def preprocess(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Native images ``(N, *spec.shape)`` -> the models' input ``(N, *spec.model_shape)``, exactly
+    as :func:`load_dataset` prepares them."""
+    return fit_images(x, spec.image_size, spec.model_channels, spec.pad_28_to_32)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -162,18 +224,31 @@ def check_dataset(cfg: DataConfig) -> Dict[str, int]:
     return {"train": n_train, "test": n_test}
 
 
-def load_dataset(cfg: DataConfig, split: str, seed: int = 0) -> ImageDataset:
+def input_spec(cfg: DataConfig) -> InputSpec:
+    """The size and channels of the dataset's images as read (from the decoded arrays: 1x28x28
+    for Fashion-MNIST) and the preprocessing :func:`load_dataset` applies to them."""
+    (arrays, _), pad = _read(cfg)
+    shape = arrays["train"][0].shape[1:]
+    c, h, w = (1, *shape) if len(shape) == 2 else shape
+    return InputSpec(int(c), int(h), int(w), cfg.image_size, cfg.channels, pad)
+
+
+def load_dataset(cfg: DataConfig, split: str, seed: int = 0, native: bool = False) -> ImageDataset:
     """Load ``split`` ("train", "val" or "test") of the dataset described by ``cfg``.
 
     Deterministic for a given ``seed``; decoded files are cached in-process, so asking for
-    train, val and test in turn reads the files once.
+    train, val and test in turn reads the files once. ``native=True`` gives the same examples
+    as read, before :func:`preprocess` (shape ``input_spec(cfg).shape``).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     (arrays, class_names), pad = _read(cfg)
     src = arrays["test" if split == "test" else "train"]
     idx = split_indices(len(arrays["train"][1]), len(arrays["test"][1]), cfg, split, seed)
-    images = to_float_images(src[0][idx], cfg.image_size, cfg.channels, pad_28_to_32=pad)
+    if native:
+        images = _u8_to_float(src[0][idx]).contiguous()
+    else:
+        images = to_float_images(src[0][idx], cfg.image_size, cfg.channels, pad_28_to_32=pad)
     labels = torch.from_numpy(src[1][idx].astype(np.int64))
     return ImageDataset(images, labels, list(class_names))
 
@@ -181,3 +256,34 @@ def load_dataset(cfg: DataConfig, split: str, seed: int = 0) -> ImageDataset:
 def class_counts(ds: ImageDataset) -> Sequence[int]:
     """Examples per class (handy for logging how balanced a subset is)."""
     return torch.bincount(ds.labels, minlength=ds.num_classes).tolist()
+
+
+def dataset_card(cfg: DataConfig, splits: Mapping[str, ImageDataset]) -> Dict[str, Any]:
+    """What a run trained and was scored on, for the tracking store: ``name`` (the dataset),
+    ``source`` (the folder read), ``digest`` (a hash of the splits' labels and pixels as the
+    models see them: equal for runs on the same examples, stable across runs and machines),
+    ``split_sizes``, the native ``input_shape`` and the ``classes``."""
+    import hashlib
+
+    if cfg.dataset == "fashion_mnist":
+        from natra_ray.data.fashion_mnist import locate
+
+        source = locate(cfg)["train_images"].parent
+    else:
+        from natra_ray.data.image_folder import _resolve_root
+
+        source = _resolve_root(cfg)
+    h = hashlib.blake2b(digest_size=16)
+    sizes: Dict[str, int] = {}
+    names: List[str] = []
+    for split in SPLITS:
+        if split not in splits:
+            continue
+        ds = splits[split]
+        sizes[split] = len(ds)
+        names = list(ds.class_names)
+        h.update(f"{split}:{len(ds)}:{tuple(ds.images.shape)}".encode())
+        h.update(ds.labels.numpy().tobytes())
+        h.update(ds.images.contiguous().numpy().tobytes())
+    return {"name": cfg.dataset, "source": str(Path(source).resolve()), "digest": h.hexdigest()[:16],
+            "split_sizes": sizes, "input_shape": list(input_spec(cfg).shape), "classes": names}

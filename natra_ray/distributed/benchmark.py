@@ -181,6 +181,7 @@ def run_one(cfg_dict: Dict[str, Any], method: str, seed: int, root: str, bench_d
     """One method x seed: train, evaluate, log the MLflow child run, write the result file."""
     import torch
 
+    from natra_ray.data.datasets import dataset_card
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.runtime import seed_everything, setup_logging
     from natra_ray.stages import pipeline
@@ -198,7 +199,9 @@ def run_one(cfg_dict: Dict[str, Any], method: str, seed: int, root: str, bench_d
         seed_everything(seed)  # the classifier's initial weights; batches come from robust's own generator
         out = Path(bench_dir) / "runs" / run.name
         t0, c0 = time.time(), time.process_time()
-        metrics = pipeline.run_trial(cfg, Path(root), out, splits=bench_splits(cfg), up=_upstream(upstream),
+        splits = bench_splits(cfg)
+        tracker.log_dataset(dataset_card(cfg.data, splits))
+        metrics = pipeline.run_trial(cfg, Path(root), out, splits=splits, up=_upstream(upstream),
                                      report=lambda m: tracker.log_metrics({k: v for k, v in m.items() if k != "epoch"},
                                                                           step=int(m.get("epoch", 0))))
         numeric = {k: float(v) for k, v in metrics.items()

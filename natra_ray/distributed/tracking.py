@@ -69,6 +69,11 @@ ROLE_TAG = "natra.role"
 ATTEMPT_TAG = "natra.attempt"
 FAILURE_TAG = "natra.failure_reason"
 CLASSIFIER_NAME = "classifier"
+# Which view the MLflow 3 UI opens an experiment on. Without the tag it guesses, and opens ours on
+# the GenAI overview (traces, tokens); "custom_model_development" is the UI's value for training
+# runs (the values are in the UI bundle, mlflow/server/js: GENAI_DEVELOPMENT, CUSTOM_MODEL_DEVELOPMENT...).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow limits (mlflow.utils.validation)
 MAX_PARAM_VALUE = 6000
@@ -414,7 +419,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path] = None)
     process creates it first, that one is returned). ``artifact_root`` is the experiment's
     artifact location; ``None`` means ``<db folder>/mlartifacts`` for SQLite (MLflow's own default
     would be relative to the cwd) and the server's choice otherwise. A deleted experiment of
-    that name is restored."""
+    that name is restored. New and existing experiments get the kind tag that makes the UI open
+    them on their training runs."""
     uri = validate_tracking_uri(uri)
     if not name or not name.strip():
         raise TrackingError("MLflow experiment name is empty; set tracking.experiment or tune.name")
@@ -430,7 +436,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path] = None)
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception as e:  # noqa: BLE001
                 if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -443,6 +450,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path] = None)
         if location is not None and exp.artifact_location.rstrip("/") != location.rstrip("/"):
             log.info("MLflow experiment %r keeps its artifact location %s (not %s)",
                      name, exp.artifact_location, location)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # older, or kind inferred by the UI
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
 
     return _retry(get_or_create, f"create or fetch experiment {name!r} in {uri}")
@@ -522,6 +531,34 @@ class _RunLogger:
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             chunk = items[i:i + _PARAMS_PER_BATCH]
             _retry(lambda: self.client.log_batch(run_id, tags=chunk), f"set tags on run {run_id}")
+
+    def log_dataset(self, card: Mapping[str, Any], context: str = "training") -> None:
+        """Record the data the run used as an MLflow dataset input (the runs table's Dataset
+        column: ``name (digest)`` and ``context``). ``card``: ``data.datasets.dataset_card``:
+        name, source folder, digest, split sizes, native image shape, classes; the split sizes
+        and classes go into the dataset's profile, the image and label shapes into its schema.
+        Logging the same card again (a resumed run) adds nothing."""
+        import json
+
+        from mlflow.data.schema import TensorDatasetSchema
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types.schema import Schema, TensorSpec
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        run_id = self._need_run()
+        sizes = {str(k): int(v) for k, v in dict(card.get("split_sizes") or {}).items()}
+        schema = TensorDatasetSchema(
+            features=Schema([TensorSpec(np.dtype(np.float32), (-1, *map(int, card["input_shape"])), "images")]),
+            targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]))
+        profile = {"num_rows": sum(sizes.values()), **{f"{k}_rows": v for k, v in sizes.items()},
+                   "num_classes": len(card.get("classes") or []), "classes": list(card.get("classes") or [])}
+        # MLflow's local-file source, as LocalArtifactDatasetSource writes it (resolving a path to a
+        # source class instead warns that two registered classes match)
+        source = json.dumps({"uri": str(card["source"])})
+        dataset = Dataset(name=str(card["name"]), digest=str(card["digest"])[:36], source_type="local", source=source,
+                          schema=json.dumps(schema.to_dict()), profile=json.dumps(profile))
+        item = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        _retry(lambda: self.client.log_inputs(run_id, datasets=[item]), f"log the dataset input of run {run_id}")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
         """Upload one file (into ``artifact_path`` folder of the run, if given)."""
@@ -768,43 +805,58 @@ class TrialTracker(_RunLogger):
             self.log_params(self.params)
         return self.run_id  # type: ignore[return-value]
 
-    def log_classifier(self, model: "torch.nn.Module", input_example: Any, max_examples: int = 4,
-                       serialization_format: str = "pickle") -> str:
+    def log_classifier(self, model: "torch.nn.Module", input_example: Any, input_spec: Any = None,
+                       max_examples: int = 4) -> str:
         """Log ``model`` as the MLflow model ``classifier`` of this run and return its model URI.
 
-        ``input_example``: float32 images in [0, 1], shape (B, C, H, W); the signature (input
-        tensor (-1, C, H, W) -> logits (-1, classes)) is inferred by running a CPU copy of the model
-        on it in eval mode. The default ``pickle`` format keeps arbitrary Python forward code
-        (Manifold Mixup hooks...) and any batch size; loading it needs ``natra_ray`` importable.
-        MLflow's own default, ``pt2`` (torch.export), freezes the graph and needs exportable code."""
+        What is logged takes the dataset's own images: ``input_spec`` (a
+        ``data.datasets.InputSpec``, e.g. ``input_spec(cfg.data)``) says their native shape and
+        the preprocessing the loader applies (Fashion-MNIST: 1x28x28, zero-padded to 32), which
+        becomes part of the model (``natra_ray.export.NativeInputClassifier``); ``None`` means the
+        example is already at the model's size. ``input_example``: float32 images in [0, 1] at
+        that native shape, (B, C, H, W); the signature (tensor (-1, C, H, W) -> logits
+        (-1, classes)) is inferred from a CPU eval copy. The model is saved as a ``torch.export``
+        program (MLflow's ``pt2``): loading it needs torch and MLflow, not natra_ray, and it
+        refuses any other image shape."""
         import mlflow
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
+        from natra_ray.data.datasets import InputSpec
+        from natra_ray.export import NativeInputClassifier, input_shape_message
+
         run_id = self._need_run()
         if isinstance(input_example, torch.Tensor):
             input_example = input_example.detach().cpu().numpy()
         x = np.asarray(input_example)
-        if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
+        if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or not len(x):
             raise ValueError(f"log_classifier: input_example must be float images of shape (B, C, H, W); "
                              f"got dtype {x.dtype}, shape {x.shape}")
-        x = np.ascontiguousarray(x[:max(1, max_examples)], dtype=np.float32)
-        if x.size and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        spec = input_spec if input_spec is not None else InputSpec.identity(*x.shape[1:])
+        if tuple(x.shape[1:]) != spec.shape:
+            raise ValueError(f"log_classifier: input_example: {input_shape_message(x.shape, spec)}")
+        x = np.ascontiguousarray(x[:max(2, max_examples)], dtype=np.float32)
+        if len(x) == 1:  # torch.export fixes a batch axis of size 1: show it two images
+            x = np.concatenate([x, x])
+        if float(x.min()) < 0.0 or float(x.max()) > 1.0:
             raise ValueError(f"log_classifier: input_example must lie in [0, 1] (the classifier's input "
                              f"range); got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
-        cpu_model = copy.deepcopy(model).to("cpu").eval()
+        served = NativeInputClassifier(copy.deepcopy(model).to("cpu"), spec).eval()
         with torch.no_grad():
-            logits = cpu_model(torch.from_numpy(x)).detach().cpu().numpy()
+            logits = served(torch.from_numpy(x)).detach().cpu().numpy()
         signature = infer_signature(x, logits)
+        metadata = {"natra.input_shape": list(spec.shape), "natra.model_input_shape": list(spec.model_shape),
+                    "natra.preprocessing": ("zero-pad 28 -> 32 px, centered" if spec.pad_28_to_32
+                                            else "none" if spec.shape == spec.model_shape else "bilinear resize")}
 
         def log_it() -> str:
             with _fluent_target(self.uri, self.experiment_id):
                 info = mlflow.pytorch.log_model(
-                    cpu_model, name=CLASSIFIER_NAME, input_example=x, signature=signature, run_id=run_id,
-                    serialization_format=serialization_format,
+                    served, name=CLASSIFIER_NAME, input_example=x, signature=signature, run_id=run_id,
+                    serialization_format="pt2", metadata=metadata,
                     # explicit pins skip MLflow's slow requirement inference (a subprocess that
-                    # re-imports the model) and are what a loader needs
+                    # re-imports the model) and are what a loader needs: the program needs no natra_ray
                     pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                 )
             return info.model_uri
@@ -865,13 +917,18 @@ def register_best(uri: str, run_id: str, model_name: str, alias: Optional[str] =
 def load_classifier(model_uri: str, uri: Optional[str] = None, map_location: Any = None) -> "torch.nn.Module":
     """Load a classifier logged by :meth:`TrialTracker.log_classifier` (``models:/m-...``,
     ``runs:/<run>/classifier``, ``models:/<name>/<version>``, ``models:/<name>@best``) in eval
-    mode. ``uri`` is the tracking store to resolve it against (default: MLflow's global one)."""
+    mode. ``uri`` is the tracking store to resolve it against (default: MLflow's global one).
+    A ``pt2`` classifier comes back as the exported program's module: it takes images at the
+    dataset's native size (``natra.input_shape`` in the model's metadata)."""
     import mlflow.pytorch
+    import torch
 
     kwargs = {"map_location": map_location} if map_location is not None else {}
     ctx = _fluent_target(validate_tracking_uri(uri)) if uri else contextlib.nullcontext()
     with ctx:
         model = mlflow.pytorch.load_model(model_uri, **kwargs)
+    if isinstance(model, torch.fx.GraphModule):  # a torch.export program: exported in eval mode, no .eval()
+        return model
     return model.eval()
 
 
