@@ -34,15 +34,25 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished method x seed runs and run the rest (default); --no-resume = --fresh")
     p.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier results and start over")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output and every stage's step logs "
+                                                          "(also: NATRA_VERBOSE=1)")
     args, cfg = parse_job_args(p, argv)
     if args.name is not None:
         if not args.name or "/" in args.name or args.name.startswith("."):
             fail(f"--name must be a plain folder name; got {args.name!r}")
         cfg = cfg.replace(**{"benchmark.name": args.name})
 
+    from natra_ray.cli import storage_root
     from natra_ray.data import DatasetError
+    from natra_ray.distributed import console
     from natra_ray.distributed.benchmark import run_benchmark
     from natra_ray.distributed.tracking import TrackingError, open_ui_command
+
+    console.setup_driver(args.verbose)
+    if argv is None:  # from the command line: this process's environment is the run's own
+        from natra_ray.losses import announce_random_backbone
+
+        announce_random_backbone(cfg.encoder)
 
     def _terminate(signum, frame):  # SIGTERM (ray job stop, kill) ends like Ctrl-C: runs marked KILLED
         raise KeyboardInterrupt(f"signal {signum}")
@@ -53,6 +63,12 @@ def main(argv=None) -> int:
         out = run_benchmark(cfg, methods=args.methods, seeds=args.seeds, resume=args.resume and not args.fresh)
     except (ConfigError, DatasetError, TrackingError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # rerunning the same command resumes: finished runs are kept
+        bench = storage_root(cfg) / "benchmarks" / cfg.benchmark.name
+        kept = console.kept_summary(storage_root(cfg))
+        args_back = [a for a in (sys.argv[1:] if argv is None else list(argv)) if a not in ("--fresh", "--no-resume")]
+        return console.end_interrupted(f"{kept}, finished runs in {bench / 'runs'}",
+                                       console.resume_command("jobs/benchmark.py", args_back, flag=None))
     print()
     head = out.report_path.read_text().split("\n## Corruption suite")[0].split("\n## Reference")[0]
     print("\n".join(line for line in head.splitlines() if not line.startswith("![")).rstrip())

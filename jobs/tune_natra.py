@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -22,24 +23,42 @@ from natra_ray.config import ConfigError  # noqa: E402
 def main(argv=None) -> int:
     p = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: tune.num_samples)")
-    p.add_argument("--resume", action="store_true", help="continue the sweep tune.name where it stopped")
+    p.add_argument("--resume", action="store_true", help="continue the sweep tune.name where it stopped "
+                                                         "(with nothing to continue: a fresh sweep)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output and every stage's step logs "
+                                                          "(also: NATRA_VERBOSE=1)")
     args, cfg = parse_job_args(p, argv)
     if args.num_samples is not None and args.num_samples < 1:
         fail("--num-samples must be >= 1")
 
+    from natra_ray.cli import storage_root
     from natra_ray.data import DatasetError
+    from natra_ray.distributed import console
     from natra_ray.distributed.tracking import TrackingError, open_ui_command
     from natra_ray.distributed.tune import run_sweep
+
+    console.setup_driver(args.verbose)
+    if argv is None:  # from the command line: this process's environment is the run's own
+        from natra_ray.losses import announce_random_backbone
+
+        announce_random_backbone(cfg.encoder)
 
     def _terminate(signum, frame):  # SIGTERM (ray job stop, kill) ends like Ctrl-C: runs marked KILLED
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C ends the sweep like SIGTERM (one line, exit 130) instead of Tune's own handler, which
+    # would stop the trials and then let the job report the unfinished sweep as its result.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     t0 = time.time()
     try:
         out = run_sweep(cfg, resume=args.resume, num_samples=args.num_samples)
     except (ConfigError, DatasetError, TrackingError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        job = "jobs/tune_natra.py"
+        return console.end_interrupted(console.kept_summary(storage_root(cfg), cfg.tune.name),
+                                       console.resume_command(job, sys.argv[1:] if argv is None else list(argv)))
     print()
     print(out.table_path.read_text())
     n_done = sum(r["status"] == "DONE" for r in out.rows)

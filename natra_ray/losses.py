@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
@@ -40,6 +41,32 @@ BACKBONE_URL = "https://download.pytorch.org/models/{}"
 # allows 8 and 16 px generators) are bilinearly upsampled to this side before LPIPS.
 LPIPS_MIN_SIZE = 32
 RANDOM_BACKBONE_SEED = 0  # the fallback backbone is identical everywhere (see Perceptual)
+# Set by a job's driver once it has warned about the random-backbone fallback: the processes it
+# starts (trials, Train workers) inherit it and note the fallback at debug level only, so a run
+# says it once instead of once per process that builds LPIPS.
+FALLBACK_ANNOUNCED_ENV = "NATRA_LPIPS_FALLBACK_ANNOUNCED"
+
+
+def random_backbone_message(net: str) -> str:
+    return (f"LPIPS-{net} is running on a RANDOMLY INITIALISED backbone: no pretrained "
+            f"weights found on this machine (no download is attempted). Perceptual values "
+            f"are NOT comparable with published LPIPS; they remain a usable training "
+            f"distance. {_instructions(net)}")
+
+
+def announce_random_backbone(enc_cfg: object) -> bool:
+    """In a job's driver, before it starts other processes: warn once if this run's LPIPS will
+    fall back to a random backbone, and mark the environment so its processes do not repeat it."""
+    if getattr(enc_cfg, "gamma2", 0) <= 0 or getattr(enc_cfg, "lpips_fallback", "") != "random_backbone":
+        return False
+    try:
+        if find_backbone_weights(enc_cfg.lpips_net, enc_cfg.lpips_weights) is not None:  # type: ignore[attr-defined]
+            return False
+    except Exception:  # a bad encoder.lpips_weights path: the stage that builds LPIPS reports it
+        return False
+    log.warning("!" * 20 + " %s " + "!" * 20, random_backbone_message(enc_cfg.lpips_net))  # type: ignore[attr-defined]
+    os.environ[FALLBACK_ANNOUNCED_ENV] = "1"
+    return True
 
 
 class PerceptualWeightsMissing(FileNotFoundError):
@@ -132,11 +159,10 @@ class Perceptual(nn.Module):
             state = _backbone_state(raw, self.lpips.net.state_dict(), path)
             self.lpips.net.load_state_dict(state, strict=True)
             log.info("LPIPS-%s: pretrained backbone from %s", net, path)
+        elif os.environ.get(FALLBACK_ANNOUNCED_ENV):
+            log.debug(random_backbone_message(net))
         else:
-            msg = (f"LPIPS-{net} is running on a RANDOMLY INITIALISED backbone: no pretrained "
-                   f"weights found on this machine (no download is attempted). Perceptual values "
-                   f"are NOT comparable with published LPIPS; they remain a usable training "
-                   f"distance. {_instructions(net)}")
+            msg = random_backbone_message(net)
             log.warning("!" * 20 + " %s " + "!" * 20, msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         self.requires_grad_(False)

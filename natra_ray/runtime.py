@@ -32,6 +32,47 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+# At default verbosity these loggers show warnings only: libraries' info chatter, and our own
+# per-step logs, which progress bars and stage lines (natra_ray.progress) replace.
+QUIET_LOGGERS = {"ray": logging.WARNING, "mlflow": logging.ERROR, "alembic": logging.WARNING,
+                 "optuna": logging.WARNING, "tensorboardX": logging.WARNING, "urllib3": logging.WARNING,
+                 "matplotlib": logging.WARNING, "numba": logging.WARNING,
+                 "natra_ray.cache": logging.WARNING, "natra_ray.data": logging.WARNING,
+                 "natra_ray.stages": logging.WARNING}
+
+
+class OncePerProcess(logging.Filter):
+    """Passes each distinct (logger, level, message) once: a warning repeated by every stage
+    that hits the same cause says it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+def setup_logging(level: int = logging.INFO, verbose: bool | None = None) -> None:
+    """Log format and levels of this process. ``verbose`` (default: ``NATRA_VERBOSE``) keeps
+    every library's info logs and repeated messages; otherwise see ``QUIET_LOGGERS``."""
+    import warnings
+
+    from natra_ray.progress import verbose as env_verbose
+
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if env_verbose() if verbose is None else verbose:
+        return
+    for name, lvl in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(lvl)
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, OncePerProcess) for f in h.filters):
+            h.addFilter(OncePerProcess())
+    # MLflow's model logging traces the classifier with torch.jit, whose deprecation notice is
+    # about MLflow's code, not ours: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)

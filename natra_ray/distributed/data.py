@@ -48,7 +48,8 @@ class LatentAugmenter:
         from natra_ray.models.generator import to_unit
         from natra_ray.models.latent import lce_decode
 
-        idx = torch.as_tensor(batch["idx"])
+        # Ray Data hands out read-only views of its Arrow blocks; the index column is tiny, copy it.
+        idx = torch.from_numpy(np.array(batch["idx"], dtype=np.int64))
         ws = self.codes.ws[idx].to(self.device)
         alpha = self.codes.alpha[idx].to(self.device)
         k = self.cfg.robust.num_directions
@@ -63,8 +64,9 @@ def training_stream(ds: ImageDataset, cfg_dict: Dict[str, Any], generator_path: 
     """rows {image, label, idx} in blocks of ``batch_size`` -> LatentAugmenter actor -> {..., x_rand}."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one line per batch per operator floods job logs
+    from natra_ray.distributed.console import quiet_ray_data
+
+    quiet_ray_data()  # one line per batch per operator floods job logs; the trial has its own bar
     n = len(ds)
     table = {"image": ds.images.numpy(), "label": ds.labels.numpy().astype(np.int64),
              "idx": np.arange(n, dtype=np.int64)}
@@ -77,6 +79,20 @@ def training_stream(ds: ImageDataset, cfg_dict: Dict[str, Any], generator_path: 
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0 if use_gpu else num_cpus, num_gpus=1 if use_gpu else 0,
     )
+
+
+def ingest_config():
+    """Ray Train's ``DataConfig`` for the stream: Ray Data's defaults, stated without the
+    deprecated ``exclude_resources`` option that Train's own default copies in (and warns about)."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    ctx = ray.data.DataContext.get_current()
+    return DataConfig(execution_options=ExecutionOptions(
+        resource_limits=ctx.execution_options.resource_limits,
+        preserve_order=ctx.execution_options.preserve_order,
+        verbose_progress=ctx.execution_options.verbose_progress))
 
 
 def _to_arrow(table: Dict[str, np.ndarray]):

@@ -77,9 +77,12 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from natra_ray import progress
     from natra_ray.augment import Batch, needs_latent
+    from natra_ray.distributed.console import setup_worker
     from natra_ray.stages import pipeline, robust
 
+    setup_worker()
     cfg = from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_worker)))
     ctx = ray.train.get_context()
@@ -109,9 +112,13 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     per_worker = cfg.robust.batch_size // world
 
     shard = ray.train.get_dataset_shard("train") if config.get("stream") else None
+    # One bar per trial over all its epochs' batches (so its ETA covers the whole training).
+    pbar = progress.bar((cfg.robust.epochs - state.epoch) * steps, config.get("title", "training"),
+                        unit="batch", enabled=rank == 0)
 
     def stream_batches():
         for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True):
+            pbar.update(1)
             yield Batch(b["image"].float(), b["label"].long(), b["idx"].long(), x_rand=b["x_rand"].float())
 
     def memory_batches():
@@ -120,6 +127,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
         usable = (len(perm) // cfg.robust.batch_size) * cfg.robust.batch_size
         for i in range(0, usable, cfg.robust.batch_size):
             idx = perm[i:i + cfg.robust.batch_size][rank::world]
+            pbar.update(1)
             yield Batch(train.images[idx], train.labels[idx], idx)
 
     while state.epoch < cfg.robust.epochs:
@@ -147,6 +155,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
         state.history.append(m)
         ckpt = _save_state(state.state_dict(latent)) if rank == 0 else None
         ray.train.report(m, checkpoint=ckpt)
+    pbar.close()
 
 
 def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: Dict[str, Any],
@@ -155,8 +164,12 @@ def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: D
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from natra_ray.distributed.console import train_logging_config
+    from natra_ray.distributed.data import ingest_config
+
     loop_config = {"cfg": cfg.to_dict(), **upstream_paths, "stream": bool(datasets),
-                   "diverged_file": str(diverged_file(storage_path, run_name))}
+                   "diverged_file": str(diverged_file(storage_path, run_name)),
+                   "title": f"{run_name} ({cfg.robust.epochs} epochs)"}
     trainer = TorchTrainer(
         robust_worker_loop,
         train_loop_config=loop_config,
@@ -164,8 +177,9 @@ def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: D
         run_config=RunConfig(name=run_name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=callbacks or []),
+                             callbacks=callbacks or [], logging_config=train_logging_config()),
         datasets=datasets or {},
+        dataset_config=ingest_config(),
     )
     return trainer.fit()
 
@@ -205,9 +219,9 @@ def _worker_setup(config: Dict[str, Any]):
     import ray.train
     import ray.train.torch
 
-    from natra_ray.runtime import setup_logging
+    from natra_ray.distributed.console import setup_worker
 
-    setup_logging()
+    setup_worker()
     cfg = from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(config["threads"])))
     ctx = ray.train.get_context()
@@ -231,6 +245,8 @@ def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from natra_ray.distributed.console import train_logging_config
+
     scaling = upstream_scaling_config(cfg, largest_node_cpus())
     trainer = TorchTrainer(
         loop,
@@ -238,7 +254,8 @@ def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, 
         scaling_config=scaling,
         run_config=RunConfig(name=run_name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             logging_config=train_logging_config()),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -253,6 +270,7 @@ def gan_worker_loop(config: Dict[str, Any]) -> None:
     import ray
     import ray.train
 
+    from natra_ray import progress
     from natra_ray.stages import gan
     from natra_ray.viz import save_grid
 
@@ -271,11 +289,14 @@ def gan_worker_loop(config: Dict[str, Any]) -> None:
     g = cfg.gan
     every = max(1, int(config.get("report_every", 100)))
     t0, seen0 = time.time(), tr.images_seen
+    pbar = progress.bar(g.steps - tr.step, f"GAN steps {tr.step}-{g.steps}" if tr.step else "GAN steps",
+                        unit="step", enabled=rank == 0)
     while tr.step < g.steps:
         # Seeded by the step: a resumed worker continues the same batch sequence.
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + tr.step)
         idx = torch.randint(len(data), (g.batch_size,), generator=gen)[rank::world]
         m = tr.train_step(data.images[idx])
+        pbar.update(1)
         gan.check_finite(m, tr.step, out_dir)
         if rank == 0 and g.sample_every and tr.step % g.sample_every == 0:
             save_grid(tr.samples(z_fixed), out_dir / "samples" / f"step_{tr.step:06d}.png", nrow=8)
@@ -285,6 +306,7 @@ def gan_worker_loop(config: Dict[str, Any]) -> None:
             rate = (tr.images_seen - seen0) * world / max(time.time() - t0, 1e-9)
             ray.train.report({**m, "step": tr.step, "images_per_s": rate},
                              checkpoint=_save_state(tr.state_dict()) if rank == 0 else None)
+    pbar.close()
 
 
 def gan_fit(storage_path: Path, data_ref: Any, report_every: int = 100):

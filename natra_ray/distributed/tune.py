@@ -91,12 +91,13 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     from natra_ray.distributed import data as rdata
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.augment.latent import lce_codes_for
+    from natra_ray.distributed.console import quiet_ray_data, setup_worker
     from natra_ray.distributed.train import fit_robust, load_result_state, raise_if_diverged, use_gpu
-    from natra_ray.runtime import setup_logging
     from natra_ray.search_space import search_space_from_dict
     from natra_ray.stages import evaluate, pipeline, robust
 
-    setup_logging()
+    setup_worker()
+    quiet_ray_data()
     base_cfg = from_dict(base)
     space = search_space_from_dict(space_dict, base_cfg, name=space_dict.get("name", "sweep"))
     cfg = space.sample_config(base_cfg, space.select(params))
@@ -218,8 +219,17 @@ def _init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    from natra_ray.distributed.console import worker_env
+
     if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user ("auto")
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        # The cluster's workers do not inherit this process's environment: the console settings
+        # travel in the job's runtime env.
+        env = worker_env()
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                     runtime_env={"env_vars": env} if env else None)
+        except ValueError:  # the submitted job sets one of them itself: its own value stands
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # address="local": a fresh local instance. Without it ray.init() would try to join
         # whatever cluster /tmp/ray/ray_current_cluster names, even a dead one (hangs).
@@ -278,6 +288,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
 
     import optuna
 
+    from natra_ray.distributed.console import tune_verbosity
     from natra_ray.distributed.tracking import open_ui_command, register_best
 
     # 3. upstream once
@@ -304,11 +315,16 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     tune_dir = root / "tune"
     exp_path = tune_dir / cfg.tune.name
     run_config = tune.RunConfig(name=cfg.tune.name, storage_path=str(tune_dir),
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbosity())
+    # Tune's per-trial result box lists these (not the 50 metrics each trial reports).
+    trainable._progress_metrics = [m for m in dict.fromkeys([*metrics, *SUMMARY_METRICS])]
     if resume and tune.Tuner.can_restore(str(exp_path)):
         log.info("resuming the sweep at %s (finished trials are kept, unfinished ones restart)", exp_path)
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
+        if resume:  # --resume is safe to pass always: with nothing to continue it starts fresh
+            log.warning("nothing to resume: %s holds no Tune experiment yet; the sweep starts fresh "
+                        "(finished upstream stages are reused from the cache)", exp_path)
         if exp_path.exists() and not resume:
             shutil.rmtree(exp_path)  # a fresh sweep of the same name starts clean
         tuner = tune.Tuner(

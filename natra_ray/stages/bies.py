@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from natra_ray import progress
 from natra_ray.checkpoints import load_module, read_checkpoint, save_checkpoint
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset
@@ -135,6 +136,7 @@ def train_encoder(cfg: Config, G: Generator, data: ImageDataset, report: Reporte
     batches = _batches(len(data), e.batch_size, gen)
     hint = "lower encoder.lr or check the generator checkpoint (do its samples look right?)"
     t0, window = time.time(), []
+    pbar = progress.bar(e.steps, "BIES encoder", unit="step", enabled=rank == 0)
     for step in range(1, e.steps + 1):
         # (a) Eq. 8 on generated images: the generator is the teacher, its codes the labels.
         with torch.no_grad():
@@ -160,11 +162,13 @@ def train_encoder(cfg: Config, G: Generator, data: ImageDataset, report: Reporte
         if history is not None:
             history.append({"step": step, **rec})
         window.append(rec)
+        pbar.update(1)
         if step % REPORT_EVERY == 0 or step == e.steps:
             avg = {f"bies_{k}": sum(r[k] for r in window) / len(window) for k in rec}
             report({**avg, "bies_step": step, "bies_images_per_s": 2 * step * len(x) / (time.time() - t0)})
             log.info("bies step %d/%d %s", step, e.steps, " ".join(f"{k}={v:.4f}" for k, v in avg.items()))
             window = []
+    pbar.close()
     return E.eval().requires_grad_(False)
 
 
@@ -192,6 +196,7 @@ def shift_generator(cfg: Config, G: Generator, E: nn.Module, data: ImageDataset,
     batches = _batches(len(data), e.batch_size, gen)
     hint = "lower encoder.shift_lr"
     window: List[Dict[str, float]] = []
+    pbar = progress.bar(e.shift_steps, "BIES shift", unit="step", enabled=rank == 0)
     for step in range(1, e.shift_steps + 1):
         x = data.images[next(batches)[rank::world]].to(dev)
         with torch.no_grad():
@@ -207,11 +212,13 @@ def shift_generator(cfg: Config, G: Generator, E: nn.Module, data: ImageDataset,
         if history is not None:
             history.append({"step": step, **rec})
         window.append(rec)
+        pbar.update(1)
         if step % REPORT_EVERY == 0 or step == e.shift_steps:
             avg = {f"shift_{k}": sum(r[k] for r in window) / len(window) for k in rec}
             report({**avg, "shift_step": step})
             log.info("shift step %d/%d %s", step, e.shift_steps, " ".join(f"{k}={v:.4f}" for k, v in avg.items()))
             window = []
+    pbar.close()
     return Gs.eval().requires_grad_(False)
 
 

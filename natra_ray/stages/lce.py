@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from natra_ray import progress
 from natra_ray.checkpoints import load_tensors, save_tensors
 from natra_ray.config import Config, EncoderConfig
 from natra_ray.losses import image_loss, unit
@@ -141,7 +142,8 @@ class LatentCodes:
 
 
 def encode_dataset(G: Generator, E: nn.Module, images: torch.Tensor, cfg: Config | EncoderConfig,
-                   batch_size: int = 256, perceptual: Optional[nn.Module] = None) -> LatentCodes:
+                   batch_size: int = 256, perceptual: Optional[nn.Module] = None,
+                   desc: str = "encoding") -> LatentCodes:
     """Invert every image (M, C, H, W) in [0, 1] with ``encoder.lce_*`` settings, in batches.
 
     ``cfg``: a Config or its EncoderConfig. Runs on G's device; results land on CPU.
@@ -156,15 +158,18 @@ def encode_dataset(G: Generator, E: nn.Module, images: torch.Tensor, cfg: Config
     scale = LCE_INIT_NOISE * w_spread(G) if e.lce_codes > 1 else 0.0
     t0 = time.time()
     ws_all, alpha_all = [], []
+    pbar = progress.bar(len(images), desc, unit="img")
     for i, start in enumerate(range(0, len(images), batch_size)):
         x = images[start:start + batch_size].to(dev)
         ws, alpha = invert(G, E, x, e.lce_codes, e.lce_layer, e.lce_steps, e.lce_lr, perceptual,
                            e.gamma1, e.gamma2, noise_scale=scale, seed=i)
         ws_all.append(ws.cpu())
         alpha_all.append(alpha.cpu())
+        pbar.update(len(x))
         if e.lce_codes > 1:
             log.info("LCE %d/%d images (%.1f images/s)", start + len(x), len(images),
                      (start + len(x)) / (time.time() - t0))
+    pbar.close()
     seconds = time.time() - t0
     meta = {"codes": e.lce_codes, "layer": e.lce_layer, "steps": e.lce_steps if e.lce_codes > 1 else 0,
             "lr": e.lce_lr, "gamma1": e.gamma1, "gamma2": e.gamma2 if perceptual is not None else 0.0,

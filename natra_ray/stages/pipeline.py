@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from natra_ray import cache
+from natra_ray import cache, progress
 from natra_ray.augment import VAE_METHODS, needs_latent
 from natra_ray.augment.cvae import needs_cvae
 from natra_ray.augment.latent import LatentSource, lce_codes_for
@@ -71,6 +71,18 @@ def _upstream_cfg(cfg: Config) -> Config:
     return cfg.replace(seed=UPSTREAM_SEED)
 
 
+def _cached_stage(title: str, croot: Path, stage: str, key: str, produce: Callable[[Path], Dict[str, Any]],
+                  meta: Optional[Dict[str, Any]] = None) -> Path:
+    """``cache.cached`` with the stage's start and end lines (or one line when it is cached)."""
+    entry = cache.entry_dir(croot, stage, key)
+    if cache.is_complete(entry):
+        progress.cached(title, entry)
+        return entry
+    with progress.stage(title) as st:
+        st.out = cache.cached(croot, stage, key, produce, meta=meta)
+    return st.out
+
+
 def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Reporter = null_reporter,
                      gan_fit: Optional[Callable[[Config], gan.Fit]] = None,
                      bies_fit: Optional[Callable[[Config], bies.Fit]] = None) -> Upstream:
@@ -85,13 +97,15 @@ def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Repor
     def gan_stage(out: Path) -> Dict[str, Any]:
         return gan.run(ucfg, train, out, report, fit=gan_fit(ucfg) if gan_fit else None).metrics
 
-    gan_dir = cache.cached(croot, "gan", keys["gan"], gan_stage, meta={"data": d["data"], "gan": d["gan"]})
+    gan_dir = _cached_stage(f"GAN ({cfg.gan.steps} steps)", croot, "gan", keys["gan"], gan_stage,
+                            meta={"data": d["data"], "gan": d["gan"]})
 
     def bies_stage(out: Path) -> Dict[str, Any]:
         return bies.run(ucfg, gan_dir / "generator.pt", train, out, report,
                         fit=bies_fit(ucfg) if bies_fit else None).metrics
 
-    bies_dir = cache.cached(croot, "bies", keys["bies"], bies_stage, meta={"encoder": _lce_free(d["encoder"])})
+    bies_dir = _cached_stage(f"BIES (encoder {cfg.encoder.steps} + shift {cfg.encoder.shift_steps} steps)", croot,
+                             "bies", keys["bies"], bies_stage, meta={"encoder": _lce_free(d["encoder"])})
 
     def dir_stage(out: Path) -> Dict[str, Any]:
         G = gan.load_generator(bies_dir / "generator_shifted.pt")
@@ -100,7 +114,8 @@ def prepare_upstream(cfg: Config, root: Path, train: ImageDataset, report: Repor
             ws = E(train.images[: ucfg.directions.grid_images])
         return directions.run(ucfg, bies_dir / "generator_shifted.pt", out, report, inversion_ws=ws).metrics
 
-    dir_dir = cache.cached(croot, "directions", keys["directions"], dir_stage, meta={"directions": d["directions"]})
+    dir_dir = _cached_stage("directions", croot, "directions", keys["directions"], dir_stage,
+                            meta={"directions": d["directions"]})
     metrics: Dict[str, float] = {}
     for p in (gan_dir, bies_dir, dir_dir):
         metrics.update({k: v for k, v in cache.read_manifest(p)["summary"].items() if isinstance(v, (int, float))})
@@ -121,12 +136,13 @@ def codes_path(cfg: Config, up: Upstream, root: Path, name: str, ds: ImageDatase
         G = gan.load_generator(up.generator_path).to(dev)
         E = bies.load_encoder(up.encoder_path, G).to(dev)
         perc = Perceptual.from_config(cfg.encoder).to(dev) if n_codes > 1 else None
-        codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc)
+        codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc, desc=f"encoding {name}")
         codes.save(tmp / "codes.pt")
         return {**{k: v for k, v in codes.meta.items() if isinstance(v, (int, float))},
                 **{f"recon_{k}": v for k, v in lce.recon_metrics(G, codes.subset(slice(0, 512)), ds.images[:512], perc).items()}}
 
-    return cache.cached(Path(root) / "cache", f"codes-{name}", key, produce) / "codes.pt"
+    return _cached_stage(f"encoding the {name} split ({len(ds)} images, {n_codes} code(s) each)",
+                         Path(root) / "cache", f"codes-{name}", key, produce) / "codes.pt"
 
 
 def encode_splits(cfg: Config, up: Upstream, root: Path, splits: Dict[str, ImageDataset],
