@@ -149,7 +149,11 @@ def setup_worker() -> None:
     by the job's driver (``ray.experimental.tqdm_ray``) instead of this process's stderr."""
     from natra_ray.runtime import setup_logging
 
+    import logging
+
     setup_logging()
+    if not progress.verbose():  # the worker loops' per-step logs: the bars show the same
+        logging.getLogger("natra_ray.distributed.train").setLevel(logging.WARNING)
     from ray.experimental import tqdm_ray
 
     progress.set_bar_factory(lambda total, desc, unit: tqdm_ray.tqdm(total=total, desc=desc, unit=unit))
