@@ -11,7 +11,10 @@ The stages they call stay Ray-free.
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -241,6 +244,55 @@ def node_threads() -> int:
     return int(max(1, min(8, largest_node_cpus())))
 
 
+def upstream_run_name(cfg: Config, stage: str) -> str:
+    """The Ray Train run of upstream ``stage`` ("gan" / "bies"): named exactly like the stage's
+    cache entry (``gan-<key>``; the key hashes the config the stage depends on). Ray Train restores
+    a run from the checkpoints under its name, so a stage interrupted before its entry was
+    stored continues from its last checkpoint when asked for the same entry again."""
+    from natra_ray import cache
+    from natra_ray.stages import pipeline
+
+    return cache.entry_dir(".", stage, pipeline.upstream_keys(cfg)[stage]).name
+
+
+def last_checkpoint(storage_path: Path, run_name: str):
+    """The latest checkpoint run ``run_name`` registered (a ``ray.train.Result``: ``.checkpoint``,
+    ``.metrics``), or None if it has none. A run folder Ray could not restore from (its snapshot
+    unreadable, or naming checkpoints that are gone) is removed: the stage starts afresh instead
+    of failing on every rerun."""
+    from ray.train import Result
+
+    run = Path(storage_path) / run_name
+    if not run.is_dir():
+        return None
+    try:
+        result = Result.from_path(run)
+    except Exception as e:  # no snapshot (killed before the first checkpoint), or a damaged one
+        log.warning("no usable checkpoint in %s (%s: %s); starting that stage afresh", run, type(e).__name__, e)
+        shutil.rmtree(run, ignore_errors=True)
+        return None
+    return result if result.checkpoint is not None else None
+
+
+def remove_stored_upstream_runs(storage_path: Path, entries: Dict[str, Path]) -> None:
+    """Delete the Train runs of upstream stages whose cache entry is complete. The entry holds the
+    result, and a GAN run's checkpoint (G, D, the EMA copy, both Adam states) is several times the
+    generator's size; while the entry is missing the run is kept, to be resumed."""
+    from natra_ray import cache
+
+    for stage in ("gan", "bies"):
+        entry = entries.get(stage)
+        if entry is None or not cache.is_complete(Path(entry)):
+            continue
+        storage = Path(storage_path)
+        # Runs named after a producer's private temp dir (``gan-.gan-<key>.<random>``) are never
+        # resumed by any name: removed with the entry's own run.
+        for run in [storage / Path(entry).name, *storage.glob(f"{stage}-.{Path(entry).name}.*")]:
+            if run.is_dir():
+                shutil.rmtree(run, ignore_errors=True)
+                log.info("removed %s (its result is in %s)", run, entry)
+
+
 def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, loop_config: Dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -257,7 +309,19 @@ def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, 
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              logging_config=train_logging_config()),
     )
-    result = trainer.fit()
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        result = trainer.fit()
+    except SystemExit as e:
+        # Ray's Ctrl-C handler aborts the run, then exits with status 0; the job must see the
+        # interrupt as one (its runs are marked KILLED, the exit status is not success).
+        raise KeyboardInterrupt(f"{run_name} interrupted; its checkpoints are kept in {storage_path}") from e
+    finally:
+        # fit() leaves Ray's handler installed, bound to this run's (now gone) controller: a later
+        # Ctrl-C would be turned into a clean exit instead of an interrupt.
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     if result.error is not None:
         raise result.error
     return result
@@ -310,16 +374,27 @@ def gan_worker_loop(config: Dict[str, Any]) -> None:
 
 
 def gan_fit(storage_path: Path, data_ref: Any, report_every: int = 100):
-    """A ``stages.gan.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers)."""
+    """A ``stages.gan.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers), as the
+    run ``upstream_run_name(cfg, "gan")``: an interrupted GAN continues from its last checkpoint
+    (at most ``report_every`` steps are redone; the sample grids written before the interrupt
+    went with the cache's temporary folder, ``final.png`` is always written)."""
     def for_config(cfg: Config):
         def fit(out_dir: Path):
             from natra_ray.stages import gan
 
             t0 = time.time()
-            result = _run_upstream_trainer(gan_worker_loop, cfg, f"gan-{out_dir.name}", storage_path,
+            name = upstream_run_name(cfg, "gan")
+            prior = last_checkpoint(storage_path, name)
+            if prior is not None:
+                log.info("GAN resumes from step %d of %d (checkpoint %s)", int(prior.metrics.get("step", 0)),
+                         cfg.gan.steps, prior.checkpoint.path)
+            result = _run_upstream_trainer(gan_worker_loop, cfg, name, storage_path,
                                            {"data": data_ref, "out_dir": str(out_dir), "report_every": report_every})
+            state = load_result_state(result)
+            if int(state["step"]) != cfg.gan.steps:  # never store an unfinished GAN as the entry
+                raise RuntimeError(f"GAN run {name} ended at step {state['step']} of {cfg.gan.steps}")
             tr = gan.GanTrainer(cfg, torch.device("cpu"))
-            tr.load_state_dict(load_result_state(result))
+            tr.load_state_dict(state)
             last = {f"gan_{k}": float(v) for k, v in (result.metrics or {}).items()
                     if k in ("d_loss", "g_loss", "r1", "gp", "images_per_s")}
             return tr, {**last, "gan_seconds": time.time() - t0}
@@ -342,8 +417,11 @@ def bies_worker_loop(config: Dict[str, Any]) -> None:
     train = ray.get(config["data"])
     perceptual = Perceptual.from_config(cfg.encoder).to(device) if cfg.encoder.gamma2 > 0 else None
     saved = _load_state() or {}
+    if "generator_shifted" in saved:  # a finished run whose cache entry was not stored: nothing to redo
+        return
     times = dict(saved.get("times", {}))
     if "encoder" in saved:
+        log.info("BIES worker %d resumed after the encoder phase", rank)
         E = bies.build_encoder(cfg, G).to(device)
         E.load_state_dict(saved["encoder"])
         E.eval().requires_grad_(False)
@@ -361,7 +439,10 @@ def bies_worker_loop(config: Dict[str, Any]) -> None:
 
 
 def bies_fit(storage_path: Path):
-    """A ``stages.bies.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers)."""
+    """A ``stages.bies.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers), as the
+    run ``upstream_run_name(cfg, "bies")``: interrupted while shifting, it does not retrain the
+    encoder. ``G`` must be the generator of ``cfg``'s GAN entry (the BIES key covers the GAN's),
+    as ``pipeline.prepare_upstream`` passes it."""
     import ray
 
     def for_config(cfg: Config):
@@ -371,9 +452,16 @@ def bies_fit(storage_path: Path):
             from natra_ray.stages import bies
 
             G_cpu = copy.deepcopy(G).cpu()
-            result = _run_upstream_trainer(bies_worker_loop, cfg, f"bies-{int(time.time())}", storage_path,
+            name = upstream_run_name(cfg, "bies")
+            prior = last_checkpoint(storage_path, name)
+            if prior is not None:
+                done = "the shift (the run had finished)" if prior.metrics.get("phase") == 2 else "the encoder phase"
+                log.info("BIES resumes after %s (checkpoint %s)", done, prior.checkpoint.path)
+            result = _run_upstream_trainer(bies_worker_loop, cfg, name, storage_path,
                                            {"data": ray.put(train), "generator": ray.put(G_cpu)})
             state = load_result_state(result)
+            if "generator_shifted" not in state:  # never store an encoder without its shifted generator
+                raise RuntimeError(f"BIES run {name} ended before shifting the generator")
             E = bies.build_encoder(cfg, G_cpu)
             E.load_state_dict(state["encoder"])
             Gs = copy.deepcopy(G_cpu)
@@ -384,4 +472,5 @@ def bies_fit(storage_path: Path):
 
 
 __all__ = ["robust_worker_loop", "fit_robust", "gan_worker_loop", "gan_fit", "bies_worker_loop", "bies_fit",
-           "largest_node_cpus", "load_result_state", "node_threads", "raise_if_diverged", "scaling_config", "upstream_scaling_config"]
+           "largest_node_cpus", "last_checkpoint", "load_result_state", "node_threads", "raise_if_diverged",
+           "remove_stored_upstream_runs", "scaling_config", "upstream_run_name", "upstream_scaling_config"]

@@ -55,15 +55,18 @@ def max_concurrent(cfg: Config, cluster_cpus: float, autoscaling: bool = False) 
 
 
 # --------------------------------------------------------------------------- upstream
-def prepare_upstream(cfg: Config, root: Path) -> Dict[str, Any]:
+def prepare_upstream(cfg: Config, root: Path, gan_report_every: int = 100) -> Dict[str, Any]:
     """GAN / BIES / directions, each computed once per upstream config (the stage cache).
 
     The GAN and BIES train as TorchTrainer jobs (``distributed/train.py``: workers, checkpoints,
-    FailureConfig); the cache lookups, checkpoints and grids are the stage code's, run here in
-    the driver, which also computes the directions (a PCA / UMAP fit, no training)."""
+    FailureConfig), each run named by its cache key under ``train_runs/``: interrupted (Ctrl-C,
+    a lost driver), the next call continues it from its last checkpoint (the GAN's every
+    ``gan_report_every`` steps, BIES's after the encoder phase); once the stage's entry is stored
+    its run is removed. The cache lookups and grids are the stage code's, run here in the driver,
+    which also computes the directions (a PCA / UMAP fit, no training)."""
     import ray
 
-    from natra_ray.distributed.train import bies_fit, gan_fit, node_threads
+    from natra_ray.distributed.train import bies_fit, gan_fit, node_threads, remove_stored_upstream_runs
     from natra_ray.stages import pipeline
 
     threads = torch.get_num_threads()
@@ -71,8 +74,10 @@ def prepare_upstream(cfg: Config, root: Path) -> Dict[str, Any]:
     try:
         train = pipeline.load_splits(cfg)["train"]
         storage = Path(root) / "train_runs"
-        up = pipeline.prepare_upstream(cfg, Path(root), train, gan_fit=gan_fit(storage, ray.put(train)),
+        up = pipeline.prepare_upstream(cfg, Path(root), train,
+                                       gan_fit=gan_fit(storage, ray.put(train), report_every=gan_report_every),
                                        bies_fit=bies_fit(storage))
+        remove_stored_upstream_runs(storage, up.dirs)
     finally:
         torch.set_num_threads(threads)
     return {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
