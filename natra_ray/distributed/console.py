@@ -101,6 +101,9 @@ def setup_driver(verbose: bool) -> None:
     setup_logging(verbose=verbose)
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # its info and notes, in every process
+        # Ray's C++ handler prints a stack dump for SIGTERM (`ray job stop`) and then aborts the
+        # driver, before and instead of the job's own one-line ending. Read when Ray is imported.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         sys.stdout = RayNoiseFilter(sys.stdout)
         sys.stderr = RayNoiseFilter(sys.stderr)
 
