@@ -137,3 +137,30 @@ def test_interrupted_gan_and_bies_continue_from_their_checkpoints(ray_cluster, t
     assert not gan_run.exists() and not bies_run.exists(), sorted(p.name for p in runs.iterdir())
     assert not list(entries.glob(".*-*")), sorted(p.name for p in entries.iterdir())
     print(f"resume test: {time.time() - t0:.0f} s")
+
+
+def test_finished_run_without_its_entry_is_reused_not_redone(ray_session, tmp_path, caplog):
+    """A run that finished but whose cache entry is missing (deleted, or the driver died between
+    the fit and the store): asked again, the GAN restores its final checkpoint (the loop is already
+    at the last step) and BIES does not shift again; both give back the same models."""
+    import logging
+
+    import ray
+
+    from natra_ray.distributed.train import bies_fit, gan_fit
+    from natra_ray.stages import pipeline
+
+    cfg = load_config("smoke", overrides=OVERRIDES).replace(**{"encoder.shift_steps": 10})
+    train = pipeline.load_splits(cfg)["train"]
+    fit_gan, fit_bies = gan_fit(tmp_path, ray.put(train), report_every=GAN_REPORT_EVERY)(cfg), bies_fit(tmp_path)(cfg)
+    tr1, _ = fit_gan(tmp_path / "out1")
+    E1, Gs1, times1 = fit_bies(tr1.G_ema, train)
+    with caplog.at_level(logging.INFO, logger="natra_ray.distributed.train"):
+        tr2, _ = fit_gan(tmp_path / "out2")
+        E2, Gs2, times2 = fit_bies(tr1.G_ema, train)
+    assert f"GAN resumes from step {cfg.gan.steps} of {cfg.gan.steps}" in caplog.text
+    assert "BIES resumes after the shift (the run had finished)" in caplog.text
+    assert not (tmp_path / "out2" / "samples").exists()  # not one GAN step was taken again
+    assert tr2.step == cfg.gan.steps and times2 == times1  # the recorded phase times are the first run's
+    for a, b in [(tr1.G_ema, tr2.G_ema), (tr1.D, tr2.D), (E1, E2), (Gs1, Gs2)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
