@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from natra_ray.data import DatasetError
     from natra_ray.distributed import console
     from natra_ray.distributed.benchmark import run_benchmark
-    from natra_ray.distributed.tracking import TrackingError, open_ui_command
+    from natra_ray.distributed.tracking import TrackingError, open_ui_command, runs_page_url
 
     console.setup_driver(args.verbose)
     if argv is None:  # from the command line: this process's environment is the run's own
@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     print(f"chart:   {out.chart_path}")
     print(f"MLflow tracking URI: {out.tracking_uri}  (parent run {out.parent_run_id})")
     print(f"open the UI with:    {open_ui_command(out.tracking_uri)}")
+    page = runs_page_url(out.tracking_uri, out.parent_run_id)
+    if page:  # the Model training view: MLflow 3's UI opens experiments on its GenAI pages otherwise
+        print(f"then open:           {page}")
     return 0 if not out.failed and len(out.rows) == len(out.setup.get("methods", [])) * len(out.setup.get("seeds", [])) else 1
 
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from natra_ray.cli import storage_root
     from natra_ray.data import DatasetError
     from natra_ray.distributed import console
-    from natra_ray.distributed.tracking import TrackingError, open_ui_command
+    from natra_ray.distributed.tracking import TrackingError, open_ui_command, runs_page_url
     from natra_ray.distributed.tune import run_sweep
 
     console.setup_driver(args.verbose)
@@ -69,6 +69,9 @@ def main(argv=None) -> int:
                                                "test_corruption_mean_acc") if isinstance(out.best.get(k), float)))
     print(f"MLflow tracking URI: {out.tracking_uri}  (parent run {out.parent_run_id})")
     print(f"open the UI with:    {open_ui_command(out.tracking_uri)}")
+    page = runs_page_url(out.tracking_uri, out.parent_run_id)
+    if page:  # the Model training view: MLflow 3's UI opens experiments on its GenAI pages otherwise
+        print(f"then open:           {page}")
     return 0 if n_done else 1
 
 

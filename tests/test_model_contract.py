@@ -226,3 +226,44 @@ def test_experiments_open_on_training_runs(store):
     client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development_inferred")
     assert ensure_experiment(store["uri"], "made-elsewhere") == old
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_the_printed_page_opens_the_training_runs(store):
+    from natra_ray.distributed.tracking import runs_page_url
+
+    assert runs_page_url(store["uri"], store["parent"]) == \
+        f"http://127.0.0.1:5000/#/experiments/{store['eid']}/runs?workflowType=machine_learning"
+    assert runs_page_url("databricks", "r") is None
+
+
+def test_screenshot_script_shows_the_children_and_their_dataset(store, tmp_path):
+    import importlib.util
+
+    from natra_ray.distributed.tracking import SweepTracker, TrialTracker, ensure_experiment
+    from natra_ray.explorer.browser import BrowserUnavailable, find_browser
+
+    try:
+        find_browser()
+    except BrowserUnavailable as e:
+        pytest.skip(f"no headless browser: {e}")
+    spec = importlib.util.spec_from_file_location("mlflow_screenshot", Path(__file__).parents[1] / "bench" / "mlflow_screenshot.py")
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+
+    eid = ensure_experiment(store["uri"], "screenshot")
+    sweep = SweepTracker(store["uri"], eid)
+    sweep.start_parent("sweep-shot")
+    card = {"name": "fashion_mnist", "source": str(DEBIAN), "digest": "0123456789abcdef",
+            "split_sizes": {"train": 3, "val": 1, "test": 2}, "input_shape": [1, 28, 28], "classes": ["a", "b"]}
+    for i in range(2):
+        t = TrialTracker(store["uri"], eid, sweep.run_id, f"trial_{i}", run_name=f"trial-{i}")
+        t.start()
+        t.log_dataset(card)
+        t.log_metrics({"val_natural_acc": 0.5 + i / 10}, step=1)
+        t.end()
+    sweep.finish()
+    shown = shot.screenshot(store["uri"], tmp_path / "runs.png", "screenshot")
+    assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shown["expanded"] == 1
+    assert sorted(shown["runs"]) == ["sweep-shot", "trial-0", "trial-1"]  # the children are shown
+    assert sum("fashion_mnist (0123456789abcdef)" in d for d in shown["datasets"]) == 2

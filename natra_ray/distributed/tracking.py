@@ -277,6 +277,24 @@ def open_ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
             f"--host {shlex.quote(host)} --port {int(port)}")
 
 
+# MLflow 3.17's UI opens every experiment on its GenAI pages (traces, tokens) unless the URL asks
+# for the Model training view (the switch's state; the experiment kind tag does not decide it).
+RUNS_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def runs_page_url(uri: str, run_id: str, host: str = "127.0.0.1", port: int = 5000) -> Optional[str]:
+    """The MLflow UI page of the training runs of run ``run_id``'s experiment (e.g. a sweep's
+    parent run): on the server of an ``http(s)`` store, or on the ``mlflow ui`` of
+    :func:`open_ui_command` for a database store; ``None`` for Databricks (its workspace has its
+    own pages)."""
+    scheme = _scheme(uri)
+    if scheme == "databricks":
+        return None
+    experiment_id = _retry(lambda: _client(uri).get_run(run_id).info.experiment_id, f"fetch run {run_id}")
+    base = uri.rstrip("/") if scheme in ("http", "https") else f"http://{host}:{int(port)}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_VIEW_QUERY}"
+
+
 # --------------------------------------------------------------------------- helpers
 def _client(uri: str):
     from mlflow import MlflowClient
@@ -959,5 +977,5 @@ __all__ = [
     "TrackingError", "SUPPORTED_SCHEMES", "given_tracking_uri", "resolve_tracking_uri", "validate_tracking_uri", "check_tracking",
     "experiment_name", "default_artifact_root", "ensure_experiment", "SweepTracker", "TrialTracker",
     "recorded_parent_run", "save_parent_run",
-    "register_best", "load_classifier", "open_ui_command", "sanitize_key", "fetch_trial_files",
+    "register_best", "load_classifier", "open_ui_command", "runs_page_url", "sanitize_key", "fetch_trial_files",
 ]
