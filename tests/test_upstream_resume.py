@@ -139,7 +139,7 @@ def test_interrupted_gan_and_bies_continue_from_their_checkpoints(ray_cluster, t
     print(f"resume test: {time.time() - t0:.0f} s")
 
 
-def test_finished_run_without_its_entry_is_reused_not_redone(ray_session, tmp_path, caplog):
+def test_finished_run_without_its_entry_is_reused_not_redone(ray_session, tmp_path, caplog, monkeypatch):
     """A run that finished but whose cache entry is missing (deleted, or the driver died between
     the fit and the store): asked again, the GAN restores its final checkpoint (the loop is already
     at the last step) and BIES does not shift again; both give back the same models."""
@@ -150,7 +150,8 @@ def test_finished_run_without_its_entry_is_reused_not_redone(ray_session, tmp_pa
     from natra_ray.distributed.train import bies_fit, gan_fit
     from natra_ray.stages import pipeline
 
-    cfg = load_config("smoke", overrides=OVERRIDES).replace(**{"encoder.shift_steps": 10})
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # passed on to the Train controller
+    cfg = load_config("smoke", overrides=OVERRIDES).replace(**{"gan.steps": 6, "encoder.steps": 3, "encoder.shift_steps": 3})
     train = pipeline.load_splits(cfg)["train"]
     fit_gan, fit_bies = gan_fit(tmp_path, ray.put(train), report_every=GAN_REPORT_EVERY)(cfg), bies_fit(tmp_path)(cfg)
     tr1, _ = fit_gan(tmp_path / "out1")

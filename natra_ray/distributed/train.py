@@ -413,12 +413,12 @@ def bies_worker_loop(config: Dict[str, Any]) -> None:
     from natra_ray.stages import bies
 
     cfg, rank, world, device = _worker_setup(config)
-    G = ray.get(config["generator"]).to(device)
-    train = ray.get(config["data"])
-    perceptual = Perceptual.from_config(cfg.encoder).to(device) if cfg.encoder.gamma2 > 0 else None
     saved = _load_state() or {}
     if "generator_shifted" in saved:  # a finished run whose cache entry was not stored: nothing to redo
         return
+    G = ray.get(config["generator"]).to(device)
+    train = ray.get(config["data"])
+    perceptual = Perceptual.from_config(cfg.encoder).to(device) if cfg.encoder.gamma2 > 0 else None
     times = dict(saved.get("times", {}))
     if "encoder" in saved:
         log.info("BIES worker %d resumed after the encoder phase", rank)
