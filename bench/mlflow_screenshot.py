@@ -7,8 +7,8 @@ child runs (the sweep's trials, the benchmark's method x seed runs) show, with t
 Starts ``mlflow ui`` on a free loopback port against the store (read only: the UI writes nothing
 unless clicked), drives headless Chromium (Debian's ``chromium`` + ``chromedriver`` through
 Selenium, as ``natra_ray.explorer.browser`` does), opens the experiment's runs table, expands every
-parent run, saves a PNG and stops the UI. ``--experiment`` defaults to the experiment with the most
-recent run.
+parent run, adds the metric columns of ``--metrics``, saves a PNG and stops the UI.
+``--experiment`` defaults to the experiment with the most recent run.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import requests
 
@@ -48,6 +48,35 @@ return n;
 """
 _DATASET_CELL = '[role="gridcell"][col-id="attributes.`Dataset`"]'
 _CLOSE_ASSISTANT = '[data-component-id$="assistant.chat_panel.close"]'
+# The runs table shows no metric by default; these are what a sweep is judged by.
+DEFAULT_METRICS = ("val_natural_acc", "test_clean_acc", "test_natural_acc", "test_corruption_mean_acc")
+
+
+def show_metrics(driver: Any, names: Sequence[str]) -> List[str]:
+    """Tick each metric in the table's Columns selector (searched by name, the node whose text
+    is exactly the name); returns those found."""
+    from selenium.webdriver.common.keys import Keys
+
+    if not names:
+        return []
+    driver.find_element("css selector", '[data-testid="column-selection-dropdown"]').click()
+    box = wait_for(lambda: driver.find_element("css selector", 'input[placeholder="Search columns"]'), 30,
+                   "the column selector")
+    found = []
+    for name in names:
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(name)
+        time.sleep(0.8)
+        nodes = [n for n in driver.find_elements("css selector", '[role="dialog"] .du-bois-light-tree-treenode')
+                 if n.text.strip() == name]
+        if nodes:
+            nodes[0].find_element("css selector", ".du-bois-light-tree-checkbox").click()
+            found.append(name)
+            time.sleep(0.5)
+    box.send_keys(Keys.ESCAPE)
+    time.sleep(0.5)
+    return found
 
 
 def free_port() -> int:
@@ -106,10 +135,22 @@ def pick_experiment(tracking_uri: str, name: Optional[str]) -> Any:
     return client.get_experiment(latest[0].info.experiment_id)
 
 
-def screenshot(tracking_uri: str, out: Path, experiment: Optional[str] = None, width: int = 1600,
-               height: int = 900, timeout: float = 180.0) -> Dict[str, Any]:
+def _park_pointer(driver: Any) -> None:
+    """Move the pointer off the table (its last click leaves a cell tooltip) and drop the focus."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver.execute_script("document.activeElement && document.activeElement.blur()")
+    footer = driver.find_elements("xpath", "//*[contains(text(), 'matching runs')]")
+    if footer:
+        ActionChains(driver).move_to_element(footer[-1]).perform()
+        time.sleep(1.0)  # the tooltip fades out
+
+
+def screenshot(tracking_uri: str, out: Path, experiment: Optional[str] = None, width: int = 2000,
+               height: int = 700, timeout: float = 180.0, metrics: Sequence[str] = DEFAULT_METRICS) -> Dict[str, Any]:
     """Save the PNG; returns what the page showed: the run names (parents and, below each,
-    its children), the Dataset column's texts and how many parents were expanded."""
+    its children), the Dataset column's texts, the metric columns added and how many parents
+    were expanded."""
     exp = pick_experiment(tracking_uri, experiment)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -127,6 +168,7 @@ def screenshot(tracking_uri: str, out: Path, experiment: Optional[str] = None, w
             for b in driver.find_elements("css selector", _CLOSE_ASSISTANT):  # the chat panel hides columns
                 if b.is_displayed():
                     b.click()
+            metrics_shown = show_metrics(driver, metrics)
             expanded = 0
             for _ in range(5):  # expanding one parent re-renders the rows: repeat until none is left
                 n = driver.execute_script(_EXPAND_JS, _RUN_NAME_CELL)
@@ -135,11 +177,13 @@ def screenshot(tracking_uri: str, out: Path, experiment: Optional[str] = None, w
                     break
                 time.sleep(1.0)
             time.sleep(2.0)  # the child rows' metrics and datasets arrive after the rows
+            _park_pointer(driver)
             out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(out))
             shown = {"experiment": exp.name, "experiment_id": exp.experiment_id, "expanded": expanded, "out": out,
                      "runs": [a.text for a in driver.find_elements("css selector", f"{_RUN_NAME_CELL} a")],
-                     "datasets": [c.text for c in driver.find_elements("css selector", _DATASET_CELL)]}
+                     "datasets": [c.text for c in driver.find_elements("css selector", _DATASET_CELL)],
+                     "metrics": metrics_shown}
         finally:
             if driver is not None:
                 driver.quit()
@@ -154,12 +198,14 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--tracking-uri", required=True, help="the MLflow store, e.g. sqlite:////abs/path/mlflow.db")
     ap.add_argument("--out", required=True, type=Path, help="PNG to write")
     ap.add_argument("--experiment", default=None, help="experiment name (default: the one with the latest run)")
-    ap.add_argument("--width", type=int, default=1600)
-    ap.add_argument("--height", type=int, default=900)
+    ap.add_argument("--width", type=int, default=2000)
+    ap.add_argument("--height", type=int, default=700)
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the UI and the table")
+    ap.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS),
+                    help=f"metric columns to show (default: {' '.join(DEFAULT_METRICS)}; none: --metrics)")
     args = ap.parse_args(argv)
     try:
-        screenshot(args.tracking_uri, args.out, args.experiment, args.width, args.height, args.timeout)
+        screenshot(args.tracking_uri, args.out, args.experiment, args.width, args.height, args.timeout, args.metrics)
     except BrowserUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
