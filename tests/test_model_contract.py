@@ -267,3 +267,4 @@ def test_screenshot_script_shows_the_children_and_their_dataset(store, tmp_path)
     assert shown["expanded"] == 1
     assert sorted(shown["runs"]) == ["sweep-shot", "trial-0", "trial-1"]  # the children are shown
     assert sum("fashion_mnist (0123456789abcdef)" in d for d in shown["datasets"]) == 2
+    assert shown["metrics"] == ["val_natural_acc"]  # of the default columns, the one these runs have
