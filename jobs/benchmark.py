@@ -13,7 +13,6 @@ natra-benchmark unless tracking.experiment is set: one parent run, a child per m
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -54,16 +53,15 @@ def main(argv=None) -> int:
 
         announce_random_backbone(cfg.encoder)
 
-    def _terminate(signum, frame):  # SIGTERM (ray job stop, kill) ends like Ctrl-C: runs marked KILLED
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _terminate)
+    console.stop_on_signals()  # Ctrl-C and SIGTERM (ray job stop): runs marked KILLED, one line, exit 130
     t0 = time.time()
     try:
         out = run_benchmark(cfg, methods=args.methods, seeds=args.seeds, resume=args.resume and not args.fresh)
     except (ConfigError, DatasetError, TrackingError) as e:
         fail(str(e))
-    except KeyboardInterrupt:  # rerunning the same command resumes: finished runs are kept
+    except (KeyboardInterrupt, SystemExit) as e:
+        if not console.is_interrupt(e):
+            raise  # rerunning the same command resumes: finished runs are kept
         bench = storage_root(cfg) / "benchmarks" / cfg.benchmark.name
         kept = console.kept_summary(storage_root(cfg))
         args_back = [a for a in (sys.argv[1:] if argv is None else list(argv)) if a not in ("--fresh", "--no-resume")]

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,19 +41,15 @@ def main(argv=None) -> int:
 
         announce_random_backbone(cfg.encoder)
 
-    def _terminate(signum, frame):  # SIGTERM (ray job stop, kill) ends like Ctrl-C: runs marked KILLED
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _terminate)
-    # Ctrl-C ends the sweep like SIGTERM (one line, exit 130) instead of Tune's own handler, which
-    # would stop the trials and then let the job report the unfinished sweep as its result.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    console.stop_on_signals()  # Ctrl-C and SIGTERM (ray job stop): runs marked KILLED, one line, exit 130
     t0 = time.time()
     try:
         out = run_sweep(cfg, resume=args.resume, num_samples=args.num_samples)
     except (ConfigError, DatasetError, TrackingError) as e:
         fail(str(e))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        if not console.is_interrupt(e):
+            raise
         job = "jobs/tune_natra.py"
         return console.end_interrupted(console.kept_summary(storage_root(cfg), cfg.tune.name),
                                        console.resume_command(job, sys.argv[1:] if argv is None else list(argv)))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from natra_ray.config import Config, ConfigError, from_dict
+from natra_ray.distributed import console
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def run_one(cfg_dict: Dict[str, Any], method: str, seed: int, root: str, bench_d
         tracker.end("FINISHED")
         return result
     except BaseException as e:  # the reason reaches MLflow before the task dies
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", reason=f"{type(e).__name__}: {e}"[:5000])
+        tracker.end(console.end_status(e), reason=f"{type(e).__name__}: {e}"[:5000])
         raise
 
 
@@ -290,7 +291,7 @@ def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: O
     try:
         return _run(bcfg, methods, seeds, runs, done, pending, key, root, bench_dir, tracker, parent_id)
     except BaseException as e:  # Ctrl-C / SIGTERM / a crash: the parent run says so
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", reason=f"{type(e).__name__}: {e}"[:2000])
+        tracker.finish(console.end_status(e), reason=f"{type(e).__name__}: {e}"[:2000])
         raise
 
 

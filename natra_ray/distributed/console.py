@@ -3,7 +3,7 @@
 
 Ray's chatter reaches the driver's console from every process of the job (controllers, Train
 workers, Ray Data coordinators, C++ core workers). Where Ray has a setting for it, it is turned
-down there (``ray_init_kwargs``, ``train_logging_config``, ``quiet_ray_data``); what has none
+down there (``train_logging_config``, ``quiet_ray_data``, ``MLFLOW_LOGGING_LEVEL``); what has none
 (the C++ core worker's notes, Ray Train's and Ray Data's lifecycle lines) is dropped by
 ``RayNoiseFilter`` on the driver's stdout / stderr, which every forwarded line passes through.
 """
@@ -118,12 +118,6 @@ def worker_env() -> Dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
-def ray_init_kwargs() -> Dict[str, Any]:
-    """Extra ``ray.init`` arguments: worker output still reaches the driver (errors and the
-    progress bars of remote loops travel that way); Ray's own driver logging is left to ours."""
-    return {"log_to_driver": True, "configure_logging": False}
-
-
 def train_logging_config():
     """Ray Train's ``LoggingConfig`` for our trainers: its per-report info lines only with
     ``--verbose``."""
@@ -160,6 +154,48 @@ def setup_worker() -> None:
     from ray.experimental import tqdm_ray
 
     progress.set_bar_factory(lambda total, desc, unit: tqdm_ray.tqdm(total=total, desc=desc, unit=unit))
+
+
+_SIGNALLED: List[int] = []  # the signals that asked this job to stop
+_HANDLERS: List[Any] = []  # the job's own handler, once stop_on_signals installed it
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (``ray job stop``, ``kill``) ends the job like Ctrl-C: a ``KeyboardInterrupt``
+    in the main thread, and the signal remembered for ``is_interrupt``. Tune's own Ctrl-C
+    handler is off, so both end in the same one line instead of Tune reporting an unfinished
+    sweep as the job's result."""
+    def stop(signum, frame):
+        _SIGNALLED.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    _HANDLERS.append(stop)
+    reclaim_signals()
+
+
+def reclaim_signals() -> None:
+    """Put the job's handlers back after ``ray.init``, which installs its own SIGTERM handler in
+    a driver (a bare ``SystemExit(1)``: the job would end as a failure, with no word of what was
+    kept). A no-op in processes that did not call ``stop_on_signals``."""
+    import signal
+    import threading
+
+    if _HANDLERS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _HANDLERS[-1])
+        signal.signal(signal.SIGINT, _HANDLERS[-1])
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """Whether ``e`` is the job being stopped. Ray's blocking calls (``ray.wait`` inside Tune,
+    ``ray.get``) turn the interrupt raised in them into ``SystemExit(1)``, so a ``SystemExit``
+    after one of our signals is an interrupt too, not a failure."""
+    return isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and bool(_SIGNALLED))
+
+
+def end_status(e: BaseException) -> str:
+    """The MLflow status of a run that ``e`` ended."""
+    return "KILLED" if is_interrupt(e) else "FAILED"
 
 
 def kept_summary(root: Path, tune_name: Optional[str] = None) -> str:
@@ -225,5 +261,5 @@ def end_interrupted(what: str, resume: str) -> int:
     return 130
 
 
-__all__ = ["RAY_NOISE", "RayNoiseFilter", "setup_driver", "worker_env", "ray_init_kwargs", "train_logging_config",
-           "tune_verbosity", "quiet_ray_data", "setup_worker", "kept_summary", "resume_command", "end_interrupted"]
+__all__ = ["RAY_NOISE", "RayNoiseFilter", "setup_driver", "worker_env", "train_logging_config",
+           "tune_verbosity", "quiet_ray_data", "setup_worker", "stop_on_signals", "reclaim_signals", "is_interrupt", "end_status", "kept_summary", "resume_command", "end_interrupted"]

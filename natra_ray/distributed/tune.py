@@ -19,11 +19,12 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from natra_ray.config import Config, ConfigError, from_dict
+from natra_ray.distributed import console
 from natra_ray.search_space import SearchSpace, load_search_space
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ def _init_ray(cfg: Config) -> None:
         ray.init(address="local", include_dashboard=True,
                  dashboard_host=bind_host(cfg.tune.dashboard_host, "the Ray dashboard"),
                  log_to_driver=True, configure_logging=False)
+    console.reclaim_signals()
 
 
 def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = None) -> SweepOutcome:
@@ -280,8 +282,7 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     try:
         return _sweep(cfg, resume, num_samples, space, tracker, root, sweep_dir, concurrent, parent_id)
     except BaseException as e:  # Ctrl-C / SIGTERM / a crash: the parent run says so, then re-raise
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
-                       reason=f"{type(e).__name__}: {e}"[:2000])
+        tracker.finish(console.end_status(e), reason=f"{type(e).__name__}: {e}"[:2000])
         raise
 
 
