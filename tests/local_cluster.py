@@ -23,15 +23,26 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Dict, Optional
+from typing import IO, Dict, List, Optional
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> List[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked (ports asked for
+    one at a time can come back twice, and Ray refuses two components on one port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def own_token(folder: str | os.PathLike) -> Path:
@@ -62,13 +73,13 @@ class Head:
 def start_head(log_path: str | os.PathLike, num_cpus: int = 2, timeout_s: float = 120,
                env: Optional[Dict[str, str]] = None) -> Head:
     """``ray start --head --block`` on loopback, waiting until its dashboard answers."""
-    port, dash = free_port(), free_port()
     # Every listening port picked free, not Ray's fixed defaults: a second head on this machine
     # (another test run, the user's own cluster) would otherwise take the job agent's port and
     # `ray job submit` would wait forever for "an available agent".
-    agent_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    port, dash, *others = free_ports(2 + len(flags))
+    agent_ports = [f"--{flag}={p}" for flag, p in zip(flags, others)]
     log = open(log_path, "w")
     # Our own temp dir (short: Ray's socket paths must stay under 107 chars) marks every
     # process of this cluster, so teardown stops exactly them and not a user's cluster.
