@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 

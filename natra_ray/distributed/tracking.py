@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import numbers
 import os
 import posixpath
@@ -47,7 +46,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, TypeVar
 
 import numpy as np
 
