@@ -35,13 +35,8 @@ def main(argv=None) -> int:
     from natra_ray.distributed.tracking import TrackingError, open_ui_command, runs_page_url
     from natra_ray.distributed.tune import run_sweep
 
-    console.setup_driver(args.verbose)
-    if argv is None:  # from the command line: this process's environment is the run's own
-        from natra_ray.losses import announce_random_backbone
-
-        announce_random_backbone(cfg.encoder)
-
-    console.stop_on_signals()  # Ctrl-C and SIGTERM (ray job stop): runs marked KILLED, one line, exit 130
+    # From the command line this process's environment is the run's own (the LPIPS notice marks it).
+    console.setup_driver(args.verbose, cfg.encoder if argv is None else None)
     t0 = time.time()
     try:
         out = run_sweep(cfg, resume=args.resume, num_samples=args.num_samples)

@@ -85,10 +85,14 @@ class RayNoiseFilter(io.TextIOBase):
         return getattr(self.inner, "encoding", "utf-8")
 
 
-def setup_driver(verbose: bool) -> None:
+def setup_driver(verbose: bool, encoder_cfg: Any = None) -> None:
     """Once, at the start of a job's driver, before Ray starts: the verbosity reaches every
     process of a local cluster through ``NATRA_VERBOSE`` (set before ``ray.init``, inherited by
-    its raylet and workers), and Ray's chatter is filtered out of this process's console."""
+    its raylet and workers), Ray's chatter is filtered out of this process's console, the LPIPS
+    fallback of ``encoder_cfg`` is warned about once for the whole run (``None``: not here, e.g.
+    a job called in-process, whose environment is not its own), and Ctrl-C / SIGTERM end the job
+    in one line (``stop_on_signals``)."""
+    from natra_ray.losses import announce_random_backbone
     from natra_ray.runtime import setup_logging
 
     if verbose:
@@ -106,6 +110,9 @@ def setup_driver(verbose: bool) -> None:
         os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         sys.stdout = RayNoiseFilter(sys.stdout)
         sys.stderr = RayNoiseFilter(sys.stderr)
+    if encoder_cfg is not None:
+        announce_random_backbone(encoder_cfg)
+    stop_on_signals()
 
 
 def worker_env() -> Dict[str, str]:

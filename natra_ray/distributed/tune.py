@@ -97,13 +97,12 @@ def trial_fn(params: Dict[str, Any], base: Dict[str, Any], space_dict: Dict[str,
     from natra_ray.distributed import data as rdata
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.augment.latent import lce_codes_for
-    from natra_ray.distributed.console import quiet_ray_data, setup_worker
+    from natra_ray.distributed.console import setup_worker
     from natra_ray.distributed.train import fit_robust, load_result_state, raise_if_diverged, use_gpu
     from natra_ray.search_space import search_space_from_dict
     from natra_ray.stages import evaluate, pipeline, robust
 
     setup_worker()
-    quiet_ray_data()
     base_cfg = from_dict(base)
     space = search_space_from_dict(space_dict, base_cfg, name=space_dict.get("name", "sweep"))
     cfg = space.sample_config(base_cfg, space.select(params))
@@ -323,7 +322,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     run_config = tune.RunConfig(name=cfg.tune.name, storage_path=str(tune_dir),
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbosity())
     # Tune's per-trial result box lists these (not the 50 metrics each trial reports).
-    trainable._progress_metrics = [m for m in dict.fromkeys([*metrics, *SUMMARY_METRICS])]
+    trainable._progress_metrics = list(dict.fromkeys([*metrics, *SUMMARY_METRICS]))
     if resume and tune.Tuner.can_restore(str(exp_path)):
         log.info("resuming the sweep at %s (finished trials are kept, unfinished ones restart)", exp_path)
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
