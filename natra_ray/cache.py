@@ -9,6 +9,7 @@ that ask at once compute it once: the second waits, then reads the finished entr
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,12 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def content_key(obj: Any) -> str:
+    """The 16-hex-digit key of a JSON-able value (keys sorted): every stage key, config key and
+    benchmark setup key is this one hash."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def entry_dir(root: str | Path, stage: str, key: str) -> Path:
