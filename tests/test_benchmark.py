@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from natra_ray import bench_report
 from natra_ray.config import ConfigError, load_config
+from natra_ray.distributed import results as tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,24 +26,43 @@ def _rows():
 
 
 def test_report_mean_std_reference_rows_and_chart(tmp_path):
-    agg = bench_report.aggregate(_rows())
+    agg = tables.aggregate(_rows())
     mean, std, n = agg["none"]["test_clean_acc"]
     assert (n, round(mean, 6), round(std, 6)) == (2, 0.82, round(math.sqrt(0.0008), 6))  # sample std (ddof 1)
     assert math.isnan(agg["mixup"]["test_clean_acc"][1])
-    table = bench_report.main_table(agg)
+    table = tables.main_table(agg)
     assert "| none | 2 | 0.8200 ± 0.0283 |" in table and "0.7000 (1 seed)" in table
-    assert bench_report.corruption_names(agg) == ["rotate"]  # per-severity keys are not corruptions
-    ref = bench_report.reference_table(agg)
+    assert tables.corruption_names(agg) == ["rotate"]  # per-severity keys are not corruptions
+    ref = tables.reference_table(agg)
     # paper 002, Table 3 (Fashion-MNIST), quoted with its std
     for quoted in ("0.9252 (0.0016)", "0.3429 (0.0314)", "0.6727 (0.0123)", "0.8883 (0.0034)",
                    "0.9044 (0.0028)", "0.9192 (0.0014)", "0.3559 (0.0242)"):
         assert quoted in ref
     assert "| GAN-MIXUP | `gan_mixup` |" in ref and "not run" in ref
-    md, png = bench_report.write_report(_rows(), {"name": "t", "seeds": [0, 1], "classifier_params": 1234}, tmp_path,
+    md, png = tables.write_report(_rows(), {"name": "t", "seeds": [0, 1], "classifier_params": 1234}, tmp_path,
                                         failed=[{"method": "x", "seed": 0, "error": "boom"}])
     text = md.read_text()
     assert "Where the setups differ" in text and "575k" in text and "`x` seed 0: failed: boom" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_sweep_summary_table_best_first_and_one_markdown_builder():
+    from natra_ray.report import markdown_table, results_table
+
+    class Space:
+        def param_names(self):
+            return ["robust.eps"]
+
+    rows = [{"trial_id": "a", "status": "DONE", "val_acc": 0.5, "robust.eps": 0.25},
+            {"trial_id": "b", "status": "ERROR"}, {"trial_id": "c", "status": "DONE", "val_acc": 0.9}]
+    lines = tables.summary_table(rows, Space(), ["val_acc"]).splitlines()
+    assert lines[0].startswith("| trial | status | val_acc | val_natural_acc |") and lines[0].endswith("| robust.eps |")
+    assert lines[1] == "|" + "---|" * (3 + len(tables.SUMMARY_METRICS))  # val_acc is listed once
+    assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| c", "| a", "| b"]  # best first, no metric last
+    assert "| a | DONE | 0.5000 |" in lines[3] and lines[3].endswith("| 0.2500 |")
+    assert markdown_table(["x", "y"], [[1, None]]) == "| x | y |\n|---|---|\n| 1 | None |\n"
+    run = results_table({"none": {"test_clean_acc": 0.5, "trial_seconds": 123.4}})
+    assert run.splitlines()[2] == "| none | 0.5000 | 123 |"
 
 
 def test_bad_input_fails_before_any_compute(capsys):

@@ -149,7 +149,7 @@ def test_two_worker_bies_matches_single_process(ray_session, tmp_path):
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_trials(tmp_path):
-    from natra_ray.distributed.tune import pareto_front, pareto_png
+    from natra_ray.distributed.results import pareto_front, pareto_png
 
     rows = [{"id": "a", "clean": 0.90, "nat": 0.30}, {"id": "b", "clean": 0.85, "nat": 0.50},
             {"id": "c", "clean": 0.80, "nat": 0.45},  # dominated by b

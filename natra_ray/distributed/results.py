@@ -1,16 +1,90 @@
-"""The benchmark's report: mean +- std per method over seeds, the Latent-Mixup paper's
-Fashion-MNIST rows beside ours, where the two setups differ, and a PNG chart.
+"""The sweep's and the benchmark's result tables and plots: pure formatting and plotting
+(no Ray, no MLflow), handed finished rows by ``distributed/tune.py`` and ``distributed/benchmark.py``.
 
-Pure formatting and plotting (no Ray, no MLflow): ``jobs/benchmark.py`` hands it the finished
-runs (one dict of metrics per method x seed) and a plain ``setup`` dict describing the budget.
+- the sweep: one row per trial (``summary_table``), the Pareto front of two objectives
+  (``pareto_front``, ``pareto_png``);
+- the benchmark: mean +- std per method over seeds, the Latent-Mixup paper's Fashion-MNIST rows
+  beside ours, where the two setups differ, and a PNG chart (``write_report``), from the runs
+  (one dict of metrics per method x seed) and a plain ``setup`` dict describing the budget.
 """
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from natra_ray.report import markdown_table
+
+if TYPE_CHECKING:
+    from natra_ray.search_space import SearchSpace
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# =========================================================================== the sweep
+# What the trial table shows besides the objectives (and Tune's per-trial progress box).
+SUMMARY_METRICS = ("val_acc", "val_natural_acc", "test_clean_acc", "test_natural_acc",
+                   "test_corruption_mean_acc", "test_pixel_pgd_acc", "test_deepfool_score")
+
+
+def summary_table(rows: List[Dict[str, Any]], space: "SearchSpace", metrics: List[str]) -> str:
+    """One line per trial, best first by ``metrics[0]``: status, metrics, sampled parameters."""
+    cols = list(dict.fromkeys([*metrics, *SUMMARY_METRICS]))
+    params = space.param_names()
+    key = metrics[0]
+    rows = sorted(rows, key=lambda r: r.get(key) if isinstance(r.get(key), (int, float)) else -1e9, reverse=True)
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    return markdown_table(["trial", "status", *cols, *params],
+                          [[r.get("trial_id", "?"), r.get("status", "?"), *(r.get(c) for c in cols + params)]
+                           for r in rows], cell)
+
+
+def pareto_front(rows: List[Dict[str, Any]], metrics: List[str], modes: List[str]) -> List[Dict[str, Any]]:
+    """Non-dominated rows (all objectives turned into maximisation)."""
+    def vec(r):
+        return [r[m] if mode == "max" else -r[m] for m, mode in zip(metrics, modes)]
+
+    valid = [r for r in rows if all(isinstance(r.get(m), (int, float)) for m in metrics)]
+    front = []
+    for r in valid:
+        v = vec(r)
+        dominated = any(all(a >= b for a, b in zip(vec(o), v)) and any(a > b for a, b in zip(vec(o), v))
+                        for o in valid if o is not r)
+        if not dominated:
+            front.append(r)
+    return front
+
+
+def pareto_png(rows: List[Dict[str, Any]], front: List[Dict[str, Any]], metrics: List[str], path: Path) -> Path:
+    """Every trial in grey, the front of the two ``metrics`` as a red line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = [r[metrics[0]] for r in rows if metrics[0] in r and metrics[1] in r]
+    ys = [r[metrics[1]] for r in rows if metrics[0] in r and metrics[1] in r]
+    ax.scatter(xs, ys, c="lightgray", label="trials")
+    f = sorted(front, key=lambda r: r[metrics[0]])
+    ax.plot([r[metrics[0]] for r in f], [r[metrics[1]] for r in f], "o-", c="C3", label="Pareto front")
+    ax.set_xlabel(metrics[0])
+    ax.set_ylabel(metrics[1])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# =========================================================================== the benchmark
 # (metric key, column header): the evaluation suite's headline numbers (stages/evaluate.py).
 MAIN_METRICS: Tuple[Tuple[str, str], ...] = (
     ("test_clean_acc", "clean acc"),
@@ -79,18 +153,12 @@ def fmt_stat(s: Optional[Stat], digits: int = 4) -> str:
 
 
 # --------------------------------------------------------------------------- tables
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(cells) + " |" for cells in lines]
-    return "\n".join(out) + "\n"
-
-
 def main_table(agg: Mapping[str, Mapping[str, Stat]], metrics: Sequence[Tuple[str, str]] = MAIN_METRICS) -> str:
     """One row per method: every headline metric as mean ± std over seeds."""
     cols = [(k, h) for k, h in metrics if any(k in a for a in agg.values())]
     lines = [[m, str(max((s[2] for s in a.values()), default=0))]
              + [fmt_stat(a.get(k), 1 if k.endswith("seconds") else 4) for k, _ in cols] for m, a in agg.items()]
-    return _table(["method", "seeds"] + [h for _, h in cols], lines)
+    return markdown_table(["method", "seeds"] + [h for _, h in cols], lines)
 
 
 def corruption_names(agg: Mapping[str, Mapping[str, Stat]]) -> List[str]:
@@ -109,7 +177,7 @@ def corruption_table(agg: Mapping[str, Mapping[str, Stat]]) -> str:
     names = corruption_names(agg)
     cols = [(f"test_corruption_{n}_acc", n) for n in names] + [("test_corruption_mean_acc", "mean")]
     lines = [[m] + [fmt_stat(a.get(k), 3) for k, _ in cols] for m, a in agg.items()]
-    return _table(["method"] + [h for _, h in cols], lines)
+    return markdown_table(["method"] + [h for _, h in cols], lines)
 
 
 def reference_table(agg: Mapping[str, Mapping[str, Stat]]) -> str:
@@ -124,7 +192,7 @@ def reference_table(agg: Mapping[str, Mapping[str, Stat]]) -> str:
             mean, std = paper[k]
             cells += [f"{mean:.4f} ({std:.4f})", fmt_stat(agg.get(method, {}).get(k)) if method in agg else "not run"]
         lines.append(cells)
-    return _table(header, lines)
+    return markdown_table(header, lines)
 
 
 def setup_differences(setup: Mapping[str, Any]) -> str:
@@ -136,8 +204,9 @@ def setup_differences(setup: Mapping[str, Any]) -> str:
         "",
         f"- **Classifier and training.** Paper: a generic CNN with 575k parameters, Adam, 50 epochs, "
         f"lr 0.001 decayed by 0.9 per epoch, on the training set (no subset is mentioned), hyperparameters "
-        f"grid-searched per variant on validation accuracy. Ours: `{g('classifier')}` with {g('classifier_params', '?'):,} "
-        f"parameters, SGD (momentum {g('momentum')}) with a one-cycle schedule to lr {g('lr')}, "
+        f"grid-searched per variant on validation accuracy. Ours: `{g('classifier')}` with "
+        f"{g('classifier_params', '?'):,} parameters, SGD (momentum {g('momentum')}) with a one-cycle schedule "
+        f"to lr {g('lr')}, "
         f"{g('epochs')} epoch(s), batch {g('batch_size')} on {g('train_images')} training images, one fixed "
         f"set of hyperparameters for every method (Mixup alpha {g('mixup_alpha')}), no search.",
         f"- **Images.** Paper: 28x28. Ours: 28x28 zero-padded to {g('image_size')}x{g('image_size')} "
@@ -169,11 +238,7 @@ def setup_lines(setup: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- chart
 def chart(agg: Mapping[str, Mapping[str, Stat]], path: str | Path, title: str = "") -> Path:
     """Grouped bars with std error bars: the accuracies (left), the DeepFool score (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     methods = list(agg)
     accs = [k for k in CHART_ACCURACIES if any(k in a for a in agg.values())]
     labels = dict(MAIN_METRICS)
@@ -242,5 +307,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], setup: Mapping[str, Any], ou
     return md, png
 
 
-__all__ = ["MAIN_METRICS", "PAPER_002_FMNIST", "mean_std", "aggregate", "fmt_stat", "main_table", "corruption_table",
-           "reference_table", "setup_differences", "chart", "render", "write_report"]
+
+__all__ = ["SUMMARY_METRICS", "summary_table", "pareto_front", "pareto_png",
+           "MAIN_METRICS", "PAPER_002_FMNIST", "mean_std", "aggregate", "fmt_stat", "main_table", "corruption_names",
+           "corruption_table", "reference_table", "setup_differences", "chart", "render", "write_report"]
