@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from natra_ray.config import Config, ConfigError, list_profiles, load_config
+from natra_ray.distributed.ray_init import bind_host, is_loopback  # re-exported for the jobs
+from natra_ray.workflow.layout import StorageLayout
 
 
 def default_profile() -> str:
@@ -73,44 +75,22 @@ def parse_job_args(p: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Nam
     return args, cfg
 
 
+def layout(cfg: Config) -> StorageLayout:
+    """Where this config's runs, caches, sweeps and reports live (``workflow/layout.py``)."""
+    return StorageLayout.from_config(cfg.tune.storage_path)
+
+
 def storage_root(cfg: Config) -> Path:
-    """Absolute storage root. A job sent with ``ray job submit`` runs in a temporary copy of the
-    working directory, so a relative default would silently vanish: default to the home dir."""
-    root = cfg.tune.storage_path or os.environ.get("NATRA_STORAGE") or str(Path.home() / "natra_ray_results")
-    return Path(root).expanduser().resolve()
+    """The absolute storage root (``layout(cfg).root``)."""
+    return layout(cfg).root
 
 
-def fail(msg: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]
+def fail(msg: str, code: int = 2) -> NoReturn:
     """One clear line on stderr and a non-zero exit (bad input is not a stack trace). A message
     with several lines keeps the problem on the first; the rest (ways to fix it) follow."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
 
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback IP (127.0.0.0/8, ::1)."""
-    import ipaddress
-
-    name = host.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_host(host: str, what: str) -> str:
-    """``host`` for a UI/dashboard to listen on; anything but loopback is an explicit choice that
-    gets a warning (it lets every machine that can reach this one use the service)."""
-    if not is_loopback(host):
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "%s will listen on %s, not loopback: anyone who can reach this machine can use it; "
-            "prefer an SSH tunnel (ssh -L) to a loopback-bound %s", what, host, what)
-    return host
-
-
-__all__ = ["add_config_args", "config_from_args", "storage_root", "fail", "ConfigError", "default_profile", "parse_job_args",
-           "check_inputs", "bind_host", "is_loopback"]
+__all__ = ["add_config_args", "config_from_args", "layout", "storage_root", "fail", "ConfigError", "default_profile",
+           "parse_job_args", "check_inputs", "bind_host", "is_loopback"]

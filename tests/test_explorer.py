@@ -26,8 +26,8 @@ from PIL import Image
 
 from natra_ray.checkpoints import save_checkpoint
 from natra_ray.config import load_config
+from natra_ray.distributed.ray_init import is_loopback
 from natra_ray.explorer import ArtifactError, Explorer, find_pipeline, from_cache_names, make_server, with_overrides
-from natra_ray.explorer.server import is_loopback
 from natra_ray.models import create_generator
 from natra_ray.stages import bies, directions, robust
 

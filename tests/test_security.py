@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from natra_ray.checkpoints import CheckpointError, load_module, load_tensors, read_checkpoint
-from natra_ray.cli import bind_host
+from natra_ray.distributed.ray_init import bind_host
 from natra_ray.distributed.tracking import open_ui_command
 from natra_ray.models import create_model
 from natra_ray.models.latent import Directions
@@ -137,7 +137,7 @@ def test_mlflow_ui_command_binds_loopback_and_exposing_it_warns(caplog):
                                          ("::1", False), ("[::1]", False), ("0.0.0.0", True), ("10.0.0.5", True),
                                          ("::", True), ("head.example", True)])
 def test_bind_host_warns_for_anything_but_loopback(host, warns, caplog):
-    with caplog.at_level(logging.WARNING, logger="natra_ray.cli"):
+    with caplog.at_level(logging.WARNING, logger="natra_ray.distributed.ray_init"):
         assert bind_host(host, "the explorer") == host
     assert bool(caplog.records) == warns
 

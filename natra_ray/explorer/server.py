@@ -19,7 +19,6 @@ Policy allows only its own scripts.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import logging
 import math
@@ -27,7 +26,6 @@ import secrets
 import socket
 import threading
 from collections import OrderedDict
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -35,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
+from natra_ray.distributed.ray_init import is_loopback
 from natra_ray.explorer.model import Explorer, RequestError, Source, decode_upload, png_bytes
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_SESSIONS = 64
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'"
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip("[]") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def data_url(img: torch.Tensor) -> str:
