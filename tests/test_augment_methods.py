@@ -2,22 +2,24 @@
 width-8 small_cnn and a tiny VAE: mixup labels are convex combinations, pgd examples lie in the
 eps ball and raise the loss, gan_mixup decodes mixed latents, natra_ol uses one code, ..."""
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from natra_ray import cache
-from natra_ray.augment import (LATENT_METHODS, VAE_METHODS, AugmentContext, Batch, create_method, list_methods,
-                               one_hot, soft_cross_entropy)
+from natra_ray.augment import (METHODS as REGISTRY, AugmentContext, Batch, Needs, create_method, list_methods,
+                               method_needs, one_hot, soft_cross_entropy)
 from natra_ray.augment.advmix import advmix_attack, mix_styles, project_simplex, resolve_split
 from natra_ray.augment.basic import ClassicParams, apply_classic, classic_augment, sample_classic_params
-from natra_ray.augment.latent import LatentSource, lce_codes_for
+from natra_ray.augment.latent import LatentSource
 from natra_ray.augment.mix import draw_pairs, mix, sample_beta
 from natra_ray.config import ConfigError, load_config
 from natra_ray.data import ImageDataset
 from natra_ray.models import create_classifier, create_generator, create_model
 from natra_ray.models.latent import Directions
+from natra_ray.registry import Registry, UnknownNameError
 from natra_ray.search_space import load_search_space
 from natra_ray.stages import pipeline, robust
 from natra_ray.stages import vae as vae_stage
@@ -81,8 +83,78 @@ def ce(model, x, y):
 # --------------------------------------------------------------------------- every method
 def test_registry_has_every_method_of_the_papers():
     assert set(METHODS) <= set(list_methods())
-    assert {"random_latent", "gan_mixup", "advmix", "natra", "natra_ol", "natra_oa", "natra+classic"} <= LATENT_METHODS
-    assert VAE_METHODS == {"vae_mixup"}
+    latent = {n for n in list_methods() if method_needs(n).latent}
+    assert {"random_latent", "gan_mixup", "advmix", "natra", "natra_ol", "natra_oa", "natra+classic"} <= latent
+    assert {n for n in list_methods() if method_needs(n).vae} == {"vae_mixup"}
+
+
+# --------------------------------------------------------------------------- what each method needs
+NEEDS = {"none": Needs(), "classic": Needs(), "pgd": Needs(), "fgsm": Needs(), "mixup": Needs(),
+         "manifold_mixup": Needs(), "gan_mixup": Needs(latent=True), "vae_mixup": Needs(vae=True),
+         "advmix": Needs(latent=True), "natra": Needs(latent=True), "natra_oa": Needs(latent=True),
+         "natra_ol": Needs(latent=True, single_code=True), "natra+classic": Needs(latent=True),
+         "random_latent": Needs(latent=True, random_decode=True), "cvae": Needs(cvae=True)}
+
+
+def test_every_registered_method_declares_its_needs():
+    for name in list_methods():
+        assert isinstance(REGISTRY.meta(name).get("needs"), Needs), f"{name} is registered without needs=Needs(...)"
+        assert method_needs(name) is REGISTRY.meta(name)["needs"]
+    assert {n: method_needs(n) for n in list_methods()} == NEEDS
+    assert method_needs("natra_ol").lce_codes(10) == 1 and method_needs("natra").lce_codes(10) == 10
+    assert {n: method_needs(n).lce_codes(3) for n in list_methods() if n != "natra_ol"} == \
+        {n: 3 for n in list_methods() if n != "natra_ol"}
+    assert [n for n in list_methods() if method_needs(n).random_decode] == ["random_latent"]
+    assert method_needs("vae_mixup").extra_models == ("vae",) and method_needs("cvae").extra_models == ("cvae",)
+    assert all(method_needs(n).extra_models == () for n in list_methods() if n not in ("vae_mixup", "cvae"))
+    with pytest.raises(UnknownNameError, match="unknown augmentation method 'nope'; known names are: advmix, "):
+        method_needs("nope")
+
+
+def test_needs_is_checked_and_registry_entries_carry_metadata():
+    with pytest.raises(ValueError, match="single_code=True"):
+        Needs(single_code=True)
+    with pytest.raises(ValueError, match="random_decode=True"):
+        Needs(random_decode=True)
+    with pytest.raises(AttributeError):
+        Needs().latent = True  # frozen
+    reg: Registry[int] = Registry("thing")
+    reg.register("a", colour="red")(lambda: 1)
+    reg.register("b")(lambda: 2)
+    assert dict(reg.meta("a")) == {"colour": "red"} and dict(reg.meta("b")) == {} and reg.create("a") == 1
+    with pytest.raises(TypeError):
+        reg.meta("a")["colour"] = "blue"  # read-only
+    with pytest.raises(UnknownNameError, match="unknown thing 'c'; known names are: a, b"):
+        reg.meta("c")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_needs_match_what_the_method_reads(name, world, cfg, tiny_vae):
+    """A method runs with exactly what its Needs declare (and fails clearly without it); only a
+    random_decode method looks at Batch.x_rand."""
+    src = world[0]
+    needs = method_needs(name)
+    extra = {k: {"vae": tiny_vae}[k] for k in needs.extra_models}
+
+    def run(latent, extra, batch):
+        c = ctx_(cfg, src, tiny_vae, seed=3)
+        c.latent, c.extra = latent, extra
+        return create_method(name)(c, batch)
+
+    if needs.latent:
+        with pytest.raises(ValueError, match=f"method '{re.escape(name)}' needs the latent source"):
+            run(None, extra, batch_(world))
+    if needs.vae:
+        with pytest.raises(ValueError, match=r"needs a trained VAE in AugmentContext.extra\['vae'\]"):
+            run(src if needs.latent else None, {}, batch_(world))
+    plain = run(src if needs.latent else None, extra, batch_(world))
+    b = batch_(world)
+    b.x_rand = torch.full_like(b.x, 0.5)  # what the Ray Data stream would hand over
+    streamed = run(src if needs.latent else None, extra, b)
+    if needs.random_decode:
+        assert torch.equal(streamed.x[B:], b.x_rand) and not torch.equal(plain.x[B:], b.x_rand)
+    else:
+        assert torch.equal(streamed.x, plain.x) and torch.equal(streamed.target, plain.target)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -104,7 +176,7 @@ def test_every_method_trains_through_the_robust_epoch(world, cfg, tiny_vae):
         state = robust.make_state(c, K, 2, torch.device("cpu"))
         before = [p.detach().clone() for p in state.model.parameters()]
         src.eps.fill_(0.3)
-        m = robust.train_epoch(c, state, data, src if name in LATENT_METHODS else None,
+        m = robust.train_epoch(c, state, data, src if method_needs(name).latent else None,
                                torch.Generator().manual_seed(0), extra={"vae": tiny_vae})
         assert math.isfinite(m["train_loss"]), name
         assert any(not torch.equal(p0, p) for p0, p in zip(before, state.model.parameters())), name
@@ -331,7 +403,8 @@ def test_natra_tunes_budgets_and_natra_oa_keeps_them_fixed(world, cfg, tiny_vae)
 
 def test_natra_ol_uses_one_code(world, cfg, tiny_vae):
     src, x, y = world
-    assert lce_codes_for("natra_ol", 5) == 1 and lce_codes_for("natra", 5) == 5 and lce_codes_for("advmix", 3) == 3
+    assert method_needs("natra_ol").lce_codes(5) == 1
+    assert method_needs("natra").lce_codes(5) == 5 and method_needs("advmix").lce_codes(3) == 3
     out = create_method("natra_ol")(ctx_(cfg, src, tiny_vae), batch_(world))
     assert out.x.shape[0] == 2 * B
     two = LatentSource(src.G, src.ws.repeat(1, 2, 1, 1), src.alpha.repeat(1, 2, 1) / 2, 0, src.directions, 4,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from natra_ray import cache
-from natra_ray.augment import AugmentContext, Batch, create_method, list_methods
+from natra_ray.augment import AugmentContext, Batch, Needs, create_method, list_methods, method_needs
 from natra_ray.augment.cvae import cvae_attack, l2_pgd, project_l2, random_in_ball, uniform_in_ball
 from natra_ray.checkpoints import CheckpointError
 from natra_ray.config import ConfigError, load_config
@@ -304,6 +304,7 @@ def test_cvae_method_without_a_trained_cvae_says_what_to_do():
 
 def test_cvae_is_selectable_by_config_and_search_space():
     assert "cvae" in list_methods()
+    assert method_needs("cvae") == Needs(cvae=True) and method_needs("cvae").extra_models == ("cvae",)
     base = load_config("smoke", overrides={"robust.method": "cvae"})
     space = search_space_from_dict({"params": {
         "robust.method": {"type": "categorical", "choices": ["none", "cvae"]},

@@ -29,14 +29,20 @@ Our reading, on this project's StyleGAN W+ codes (NaTra's cached, LCE-composed c
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from natra_ray.attacks import _eval_mode
-from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment import (
+    METHODS,
+    AugmentContext,
+    Augmented,
+    Batch,
+    Needs,
+    one_hot,
+    require_latent,
+)
 from natra_ray.augment.latent import LatentSource
 
 
@@ -74,7 +80,7 @@ def mix_styles(ws: Tensor, pool: Tensor, beta: Tensor, split: int) -> Tensor:
 
 
 def advmix_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Tensor, candidates: int,
-                  steps: int, split: int, generator: torch.Generator) -> Tuple[Tensor, Tensor, Tensor]:
+                  steps: int, split: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """The adversarial style mix of each image (see the module docstring).
 
     Returns (x_adv (B, C, H, W) in [0, 1], beta (B, K + 1) on the simplex, the candidates'
@@ -115,12 +121,10 @@ def advmix_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Ten
     return x_adv, best, cand
 
 
-@METHODS.register("advmix")
+@METHODS.register("advmix", needs=Needs(latent=True))
 def advmix(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Clean batch + each image's content decoded with the worst mix of other images' styles."""
-    src = ctx.latent
-    if src is None:
-        raise ValueError("method 'advmix' needs the latent source (generator and the dataset's codes)")
+    src = require_latent(ctx, "advmix")
     split = resolve_split(ctx.cfg.advmix_split, src.ws.shape[-2])
     x_adv, beta, _ = advmix_attack(ctx.model, src, batch.idx, batch.y, ctx.cfg.advmix_candidates,
                                    ctx.cfg.pgd_steps, split, ctx.generator)

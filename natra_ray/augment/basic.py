@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, Needs, one_hot
 from natra_ray.config import RobustConfig
 from natra_ray.data.corruptions import affine_transform
 
 
-@METHODS.register("none")
+@METHODS.register("none", needs=Needs())
 def none(ctx: AugmentContext, batch: Batch) -> Augmented:
     """"Original" in the paper's tables: the clean batch, hard labels."""
     return Augmented(batch.x, one_hot(batch.y, ctx.num_classes))
@@ -82,7 +82,7 @@ def classic_augment(x: Tensor, cfg: RobustConfig, generator: torch.Generator) ->
     return apply_classic(x, sample_classic_params(x.shape[0], x.shape[-1], cfg, generator))
 
 
-@METHODS.register("classic")
+@METHODS.register("classic", needs=Needs())
 def classic(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Random affine (rotation, zoom, shear, translation) + brightness/contrast jitter."""
     return Augmented(classic_augment(batch.x, ctx.cfg, ctx.generator), one_hot(batch.y, ctx.num_classes))

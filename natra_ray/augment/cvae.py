@@ -11,25 +11,27 @@ CVAE prior's standardised coordinates u. Per batch the method picks one u per im
 and returns the clean batch plus the perturbed one, hard labels. The settings are
 ``robust.cvae_eps`` / ``cvae_attack`` / ``cvae_steps`` / ``cvae_step_size``; the trained CVAE
 arrives as ``ctx.extra["cvae"]`` (the pipeline trains it once per training data + ``cvae``
-config section and caches it).
+config section and caches it, as the method's ``Needs(cvae=True)`` asks).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from natra_ray.attacks import _eval_mode
-from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment import (
+    METHODS,
+    AugmentContext,
+    Augmented,
+    Batch,
+    Needs,
+    method_needs,
+    one_hot,
+)
 from natra_ray.models.cvae import CVAE
-
-CVAE_METHODS = {"cvae"}  # methods that need ctx.extra["cvae"]
-
-
-def needs_cvae(name: str) -> bool:
-    return name in CVAE_METHODS
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -39,12 +41,12 @@ def project_l2(u: Tensor, eps: float) -> Tensor:
     return u * (eps / norm.clamp_min(1e-12)).clamp(max=1.0)
 
 
-def random_in_ball(n: int, k: int, eps: float, generator: Optional[torch.Generator] = None) -> Tensor:
+def random_in_ball(n: int, k: int, eps: float, generator: torch.Generator | None = None) -> Tensor:
     """u ~ N(0, I_k) (a prior draw in standardised coordinates), projected into ||u|| <= eps."""
     return project_l2(torch.randn(n, k, generator=generator), eps)
 
 
-def uniform_in_ball(n: int, k: int, eps: float, generator: Optional[torch.Generator] = None) -> Tensor:
+def uniform_in_ball(n: int, k: int, eps: float, generator: torch.Generator | None = None) -> Tensor:
     """Uniform in the L2 ball: a uniform direction, radius eps * U^(1/k)."""
     d = torch.randn(n, k, generator=generator)
     d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -52,7 +54,7 @@ def uniform_in_ball(n: int, k: int, eps: float, generator: Optional[torch.Genera
 
 
 def l2_pgd(loss_fn: Callable[[Tensor], Tensor], shape: Sequence[int], *, eps: float, steps: int,
-           step_size: float = 0.0, generator: Optional[torch.Generator] = None,
+           step_size: float = 0.0, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu") -> Tensor:
     """Projected gradient ascent on a per-example loss ``loss_fn(u) -> (B,)`` over the L2 ball
     ||u||_2 <= eps: a uniform start in the ball, then ``steps`` steps
@@ -81,7 +83,7 @@ def l2_pgd(loss_fn: Callable[[Tensor], Tensor], shape: Sequence[int], *, eps: fl
 
 def cvae_attack(model: torch.nn.Module, cvae: CVAE, x: Tensor, y: Tensor, *, eps: float, attack: str = "pgd",
                 steps: int = 5, step_size: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """One member of S(x) per image: (x' (B, C, H, W) in [0, 1], u (B, k)), with u random or
     the worst case for ``model`` (which runs in eval mode: BatchNorm statistics untouched)."""
     k = cvae.latent_dim
@@ -99,13 +101,16 @@ def cvae_attack(model: torch.nn.Module, cvae: CVAE, x: Tensor, y: Tensor, *, eps
 
 
 # --------------------------------------------------------------------------- method
-@METHODS.register("cvae")
+@METHODS.register("cvae", needs=Needs(cvae=True))
 def cvae(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Clean batch + one member of the learned perturbation set per image (random or worst case)."""
     cvae_model = ctx.extra.get("cvae")
-    if not isinstance(cvae_model, CVAE):
+    if cvae_model is None:
         raise ValueError("method 'cvae' needs a trained CVAE in AugmentContext.extra['cvae']; run it through the "
                          "pipeline, which trains one (cvae config section) when robust.method=cvae")
+    if not isinstance(cvae_model, CVAE):
+        raise TypeError(f"AugmentContext.extra['cvae'] must be a natra_ray.models.cvae.CVAE; got "
+                        f"{type(cvae_model).__name__}")
     r, dev = ctx.cfg, next(ctx.model.parameters()).device
     cvae_model.to(dev)
     x, y = batch.x.to(dev), batch.y.to(dev)
@@ -116,3 +121,8 @@ def cvae(ctx: AugmentContext, batch: Batch) -> Augmented:
     target = one_hot(torch.cat([batch.y, batch.y]), ctx.num_classes).to(dev)
     return Augmented(torch.cat([x, x_pert]), target,
                      {"cvae_u_norm": float(u.norm(dim=1).mean()), "cvae_fooled": float(fooled)})
+
+
+def needs_cvae(name: str) -> bool:  # transitional: removed once the workflow layer reads method_needs
+    return method_needs(name).cvae
+

@@ -7,14 +7,23 @@ and decodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from natra_ray.attacks import _eval_mode, latent_pgd
-from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment import (
+    METHODS,
+    AugmentContext,
+    Augmented,
+    Batch,
+    Needs,
+    method_needs,
+    one_hot,
+    require_latent,
+)
 from natra_ray.augment.basic import classic_augment
 from natra_ray.models.generator import Generator, to_unit
 from natra_ray.models.latent import Directions, lce_decode
@@ -49,14 +58,14 @@ class LatentSource:
     layer: int  # LCE composition layer
     directions: Directions
     num_directions: int
-    layer_range: Tuple[int, int]  # (start, end) inclusive: D(u_i, start-end)
+    layer_range: tuple[int, int]  # (start, end) inclusive: D(u_i, start-end)
     eps: Tensor  # (N,) per-example budget, the APT state (kept across epochs)
 
     @property
     def device(self) -> torch.device:
         return self.G.w_avg.device
 
-    def codes(self, idx: Tensor) -> Tuple[Tensor, Tensor]:
+    def codes(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.ws[idx.cpu()].to(self.device), self.alpha[idx.cpu()].to(self.device)
 
     def decode(self, ws: Tensor, alpha: Tensor, coeffs: Tensor | None = None) -> Tensor:
@@ -86,7 +95,7 @@ def latent_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Ten
     ws, alpha = src.codes(idx)
     y = y.to(src.device)
 
-    def loss_fn(r: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def loss_fn(r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = src.decode(ws, alpha, r)
         logits = model(x)
         return F.cross_entropy(logits, y, reduction="none"), x, logits
@@ -101,10 +110,8 @@ def latent_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Ten
 
 
 # --------------------------------------------------------------------------- methods
-def _natra(ctx: AugmentContext, batch: Batch, apt: bool) -> Augmented:
-    cfg, src = ctx.cfg, ctx.latent
-    if src is None:
-        raise ValueError("method 'natra' needs the latent source (generator, codes, directions)")
+def _natra(ctx: AugmentContext, batch: Batch, apt: bool, method: str) -> Augmented:
+    cfg, src = ctx.cfg, require_latent(ctx, method)
     eps_i = src.eps[batch.idx.cpu()]  # (B,)
     # APT attacks at eps_i + rho (Sec. 3.4.3): the same transformation trains theta and
     # tells whether eps_i may grow, so tuning costs no extra forward passes.
@@ -122,44 +129,47 @@ def _natra(ctx: AugmentContext, batch: Batch, apt: bool) -> Augmented:
     return Augmented(x, t, {"eps_mean": float(used.mean()), "adv_fooled": float(mis.float().mean())})
 
 
-@METHODS.register("natra")
+@METHODS.register("natra", needs=Needs(latent=True))
 def natra(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Clean batch + the worst natural transformation within eps_i (APT on)."""
-    return _natra(ctx, batch, apt=ctx.cfg.apt)
+    return _natra(ctx, batch, apt=ctx.cfg.apt, method="natra")
 
 
-@METHODS.register("natra_oa")
+@METHODS.register("natra_oa", needs=Needs(latent=True))
 def natra_oa(ctx: AugmentContext, batch: Batch) -> Augmented:
     """NaTra without APT: a fixed eps for every example (label smoothing at c * eps)."""
-    return _natra(ctx, batch, apt=False)
+    return _natra(ctx, batch, apt=False, method="natra_oa")
 
 
-@METHODS.register("natra_ol")
+@METHODS.register("natra_ol", needs=Needs(latent=True, single_code=True))
 def natra_ol(ctx: AugmentContext, batch: Batch) -> Augmented:
     """NaTra without LCE: the pipeline builds its codes with one code per image (plain
-    inversion, ``lce_codes_for``), the attack itself is unchanged."""
-    src = ctx.latent
-    if src is not None and src.ws.shape[1] != 1:
+    inversion: ``Needs(single_code=True)``), the attack itself is unchanged."""
+    src = require_latent(ctx, "natra_ol")
+    if src.ws.shape[1] != 1:
         raise ValueError(f"natra_ol (NaTra without LCE) needs one latent code per image but the latent source "
-                         f"has {src.ws.shape[1]}; build its codes with lce_codes_for('natra_ol', ...) = 1")
-    return _natra(ctx, batch, apt=ctx.cfg.apt)
+                         f"has {src.ws.shape[1]}; build its codes with method_needs('natra_ol').lce_codes(...) = 1")
+    return _natra(ctx, batch, apt=ctx.cfg.apt, method="natra_ol")
 
 
-@METHODS.register("natra+classic")
+@METHODS.register("natra+classic", needs=Needs(latent=True))
 def natra_classic(ctx: AugmentContext, batch: Batch) -> Augmented:
     """NaTra on top of the usual augmentation: the clean half of NaTra's batch goes through
     ``classic`` (as a data loader's transform would), the worst natural transformations are
     NaTra's own (they are searched from the image's latent code, which a pixel warp has not)."""
-    out = _natra(ctx, batch, apt=ctx.cfg.apt)
+    out = _natra(ctx, batch, apt=ctx.cfg.apt, method="natra+classic")
     b = batch.x.shape[0]
     out.x = torch.cat([classic_augment(out.x[:b], ctx.cfg, ctx.generator), out.x[b:]])
     return out
 
 
-@METHODS.register("random_latent")
+@METHODS.register("random_latent", needs=Needs(latent=True, random_decode=True))
 def random_latent(ctx: AugmentContext, batch: Batch) -> Augmented:
-    """NaTra's "Random" baseline: Gaussian noise N(0, eps^2) on the edit coefficients."""
-    src = ctx.latent
+    """NaTra's "Random" baseline: Gaussian noise N(0, eps^2) on the edit coefficients.
+
+    The one method that declares ``random_decode``: it trains on ``Batch.x_rand`` when the Ray
+    Data stream decoded one and decodes its own otherwise."""
+    src = require_latent(ctx, "random_latent")
     if batch.x_rand is not None:  # decoded upstream by the Ray Data actor
         x_rand = batch.x_rand.to(src.device)
     else:
@@ -171,6 +181,5 @@ def random_latent(ctx: AugmentContext, batch: Batch) -> Augmented:
     return Augmented(x, t)
 
 
-def lce_codes_for(method: str, lce_codes: int) -> int:
-    """How many LCE codes the training set is inverted with for ``method``."""
-    return 1 if method == "natra_ol" else lce_codes
+def lce_codes_for(method: str, lce_codes: int) -> int:  # transitional: removed once the workflow layer reads method_needs
+    return method_needs(method).lce_codes(lce_codes)

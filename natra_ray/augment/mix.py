@@ -32,7 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment import (
+    METHODS,
+    AugmentContext,
+    Augmented,
+    Batch,
+    Needs,
+    one_hot,
+    require_latent,
+)
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -76,7 +84,7 @@ def _mix_with_clean(batch: Batch, x_mix: Tensor, ctx: AugmentContext, pairs: Mix
 
 
 # --------------------------------------------------------------------------- methods
-@METHODS.register("mixup")
+@METHODS.register("mixup", needs=Needs())
 def mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Input Mixup (MixI): convex combinations of image pairs and of their labels."""
     pairs = draw_pairs(batch.x.shape[0], ctx.cfg.mixup_alpha, ctx.generator)
@@ -84,7 +92,7 @@ def mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
                      {"mix_lambda": float(pairs.lam.mean())})
 
 
-@METHODS.register("manifold_mixup")
+@METHODS.register("manifold_mixup", needs=Needs())
 def manifold_mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Manifold Mixup: mix hidden states at a random mix position of the classifier."""
     positions: Any = getattr(ctx.model, "num_mix_layers", None)
@@ -98,12 +106,10 @@ def manifold_mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
                      forward_kwargs={"mix_layer": k, "mix_fn": functools.partial(mix, pairs=pairs)})
 
 
-@METHODS.register("gan_mixup")
+@METHODS.register("gan_mixup", needs=Needs(latent=True))
 def gan_mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
     """GAN-Mixup (MixL): decode convex combinations of two images' latent codes."""
-    src = ctx.latent
-    if src is None:
-        raise ValueError("method 'gan_mixup' needs the latent source (generator and the dataset's codes)")
+    src = require_latent(ctx, "gan_mixup")
     pairs = draw_pairs(batch.x.shape[0], ctx.cfg.mixup_alpha, ctx.generator)
     ws, alpha = src.codes(batch.idx)  # (B, N, num_ws, w_dim), (B, N, C_l)
     with torch.no_grad():
@@ -111,7 +117,7 @@ def gan_mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
     return _mix_with_clean(batch, x_mix, ctx, pairs)
 
 
-@METHODS.register("vae_mixup")
+@METHODS.register("vae_mixup", needs=Needs(vae=True))
 def vae_mixup(ctx: AugmentContext, batch: Batch) -> Augmented:
     """VAE-Mixup: decode convex combinations of two images' VAE posterior means."""
     vae = ctx.extra.get("vae")

@@ -15,7 +15,7 @@ import torch
 
 from natra_ray.attacks import fgsm as fgsm_attack
 from natra_ray.attacks import pgd_linf
-from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, one_hot
+from natra_ray.augment import METHODS, AugmentContext, Augmented, Batch, Needs, one_hot
 
 
 def _on_model(ctx: AugmentContext, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +23,7 @@ def _on_model(ctx: AugmentContext, batch: Batch) -> tuple[torch.Tensor, torch.Te
     return batch.x.to(dev), batch.y.to(dev)
 
 
-@METHODS.register("pgd")
+@METHODS.register("pgd", needs=Needs())
 def pgd(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Madry's adversarial training: the l_inf PGD example of each image, hard labels."""
     x, y = _on_model(ctx, batch)
@@ -31,7 +31,7 @@ def pgd(ctx: AugmentContext, batch: Batch) -> Augmented:
     return Augmented(x_adv, one_hot(y, ctx.num_classes))
 
 
-@METHODS.register("fgsm")
+@METHODS.register("fgsm", needs=Needs())
 def fgsm(ctx: AugmentContext, batch: Batch) -> Augmented:
     """Goodfellow's adversarial objective: clean images + their FGSM examples, hard labels."""
     x, y = _on_model(ctx, batch)

@@ -159,9 +159,9 @@ class Explorer:
             return int(self.classifier(x).shape[1])
 
     def _trial_codes(self) -> int:
-        """The codes per image the trial's training used: ``augment.latent.lce_codes_for``'s rule,
-        restated so the explorer does not import the augmentation registry (a test keeps the two
-        in step)."""
+        """The codes per image the trial's training used: ``augment.method_needs(method).lce_codes``'s
+        rule, restated so the explorer does not import the augmentation registry (a test keeps the
+        two in step)."""
         return trial_lce_codes(self.cfg.robust.method, self.cfg.encoder.lce_codes)
 
     def _perceptual(self) -> Optional[nn.Module]:
