@@ -68,11 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def files_from_run(args: argparse.Namespace, tmp: Path):
     """Download the trial's classifier; find its upstream cache entries (named in its artifacts)."""
-    from natra_ray.cli import storage_root
+    from natra_ray.cli import layout
     from natra_ray.config import from_dict
     from natra_ray.distributed.tracking import (default_artifact_root, fetch_trial_files, resolve_tracking_uri,
                                                 validate_tracking_uri)
     from natra_ray.explorer import ArtifactError, from_cache_names
+    from natra_ray.workflow.layout import StorageLayout
 
     cfg = from_dict({"tune": {"storage_path": args.storage}} if args.storage else {})
     uri = validate_tracking_uri(args.tracking_uri, "--tracking-uri") if args.tracking_uri else resolve_tracking_uri(cfg)
@@ -80,19 +81,19 @@ def files_from_run(args: argparse.Namespace, tmp: Path):
     roots = [Path(args.storage)] if args.storage else []
     if got["params"].get("tune.storage_path"):
         roots.append(Path(got["params"]["tune.storage_path"]))
-    roots.append(storage_root(cfg))
+    roots.append(layout(cfg).root)
     if default_artifact_root(uri) is not None:  # a local SQLite store: the folder holding mlflow.db
         roots.append(default_artifact_root(uri).parent)
     needed = [n for n in got["upstream"] if n.split("-", 1)[0] in ("bies", "directions")]
-    tried = list(dict.fromkeys(r.expanduser().resolve() for r in roots))
+    tried = [StorageLayout(r) for r in dict.fromkeys(r.expanduser().resolve() for r in roots)]
     for root in tried:
-        if needed and all((root / "cache" / n).is_dir() for n in needed):
-            return from_cache_names(root / "cache", needed, got["classifier"], source=f"MLflow run {args.run_id}")
+        if needed and all((root.cache / n).is_dir() for n in needed):
+            return from_cache_names(root.cache, needed, got["classifier"], source=f"MLflow run {args.run_id}")
     if len(needed) == 2:
         raise ArtifactError(f"run {args.run_id} used the cache entries {' and '.join(needed)}, which are not under "
-                            f"{' or '.join(str(r / 'cache') for r in tried)}; run the explorer where the pipeline's "
+                            f"{' or '.join(str(r.cache) for r in tried)}; run the explorer where the pipeline's "
                             f"storage is, or pass --storage with the folder holding cache/")
-    return from_cache_names(tried[0] / "cache", needed, got["classifier"])  # names what the run lacks
+    return from_cache_names(tried[0].cache, needed, got["classifier"])  # names what the run lacks
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
-from natra_ray.cli import add_config_args, fail, parse_job_args, storage_root  # noqa: E402
+from natra_ray.cli import add_config_args, fail, layout, parse_job_args  # noqa: E402
 from natra_ray.config import ConfigError  # noqa: E402
 from natra_ray.data import DatasetError  # noqa: E402
 
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     weights = args.reg_weight if args.reg_weight is not None else [cfg.cvae.reg_weight]
     name = args.name or f"cvae_{cfg.profile}_{cfg.cvae.family}"
-    out = Path(args.out) if args.out else storage_root(cfg) / "reports"
+    store = layout(cfg)
+    out = Path(args.out) if args.out else store.reports
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         label = "without reg." if w == 0 else f"with reg. (w={w:g})"
         t = time.time()
         try:
-            art = stage.run(c, pairs, storage_root(cfg) / "runs" / f"{name}_reg{w:g}", device=resolve_device(cfg.device))
+            art = stage.run(c, pairs, store.runs / f"{name}_reg{w:g}", device=resolve_device(cfg.device))
         except (FloatingPointError, ValueError) as e:
             fail(str(e))
         losses[label], closure[label] = art.losses, art.closure

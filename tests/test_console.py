@@ -100,6 +100,25 @@ def test_our_stream_settings_raise_no_ray_data_deprecation_and_no_readonly_numpy
         [str(w.message) for w in caught]
 
 
+def test_kept_summary_names_what_an_interrupted_run_left_under_the_layout(tmp_path):
+    from natra_ray import cache
+    from natra_ray.distributed.console import kept_summary
+    from natra_ray.workflow.layout import StorageLayout
+
+    store = StorageLayout(tmp_path)
+    assert kept_summary(tmp_path, "s") == f"0 finished trials in {store.tune_experiment('s')}"
+    assert kept_summary(store) == "nothing (no stage had finished)"
+    for stage, key in (("gan", "a1"), ("codes-train", "b2"), ("bies", "c3")):
+        cache.cached(store.cache, stage, key, lambda out: {})
+    (store.cache / "directions-d4").mkdir()  # unfinished: not counted
+    (store.tune_experiment("s") / "trial_1").mkdir(parents=True)
+    (store.tune_experiment("s") / "trial_1" / "result.json").write_text('{"done": false}\n{"done": true}\n')
+    (store.train_runs / "train-x" / "checkpoint_000001").mkdir(parents=True)
+    assert kept_summary(store, "s") == (f"3 cache entries (bies, codes-train, gan) in {store.cache}, "
+                                        f"1 finished trial in {store.tune_experiment('s')}, "
+                                        f"Train checkpoints of 1 run in {store.train_runs}")
+
+
 def _cmd(storage: Path, name: str, uri: str, *extra: str) -> list:
     return [sys.executable, str(REPO / "jobs" / "tune_natra.py"), "--profile", "smoke", "tune.search_space=smoke",
             f"tune.name={name}", f"tune.storage_path={storage}", f"tracking.uri={uri}", *extra]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from natra_ray import progress
+from natra_ray.workflow.layout import StorageLayout
 
 # Lines Ray prints for itself that say nothing a user acts on. Matched anywhere in a line
 # (forwarded lines carry a "(Actor pid=...)" prefix).
@@ -205,29 +206,31 @@ def end_status(e: BaseException) -> str:
     return "KILLED" if is_interrupt(e) else "FAILED"
 
 
-def kept_summary(root: Path, tune_name: Optional[str] = None) -> str:
-    """What an interrupted run leaves to resume from, in words: the stage cache's finished
-    entries, the sweep's finished trials, the Train runs' checkpoints."""
+def kept_summary(root: Path | StorageLayout, tune_name: Optional[str] = None) -> str:
+    """What an interrupted run leaves to resume from under the storage root (a path or its
+    layout), in words: the stage cache's finished entries, the sweep's finished trials, the Train
+    runs' checkpoints."""
     from natra_ray import cache
 
-    root = Path(root)
+    store = root if isinstance(root, StorageLayout) else StorageLayout(Path(root))
     parts = []
     entries = sorted(p.name.split("-")[0] if not p.name.startswith("codes-") else "-".join(p.name.split("-")[:2])
-                     for p in (root / "cache").glob("*-*") if cache.is_complete(p))
+                     for p in store.cache.glob("*-*") if cache.is_complete(p))
     if entries:
         parts.append(f"{len(entries)} cache entr{'y' if len(entries) == 1 else 'ies'} "
-                     f"({', '.join(dict.fromkeys(entries))}) in {root / 'cache'}")
+                     f"({', '.join(dict.fromkeys(entries))}) in {store.cache}")
     if tune_name:
         done = 0
-        for f in (root / "tune" / tune_name).glob("*/result.json"):
+        experiment = store.tune_experiment(tune_name)
+        for f in experiment.glob("*/result.json"):
             try:
                 done += any('"done": true' in line for line in f.read_text().splitlines())
             except OSError:
                 pass
-        parts.append(f"{done} finished trial{'' if done == 1 else 's'} in {root / 'tune' / tune_name}")
-    runs = sorted({c.parent.name for c in (root / "train_runs").glob("*/checkpoint_*")})
+        parts.append(f"{done} finished trial{'' if done == 1 else 's'} in {experiment}")
+    runs = sorted({c.parent.name for c in store.train_runs.glob("*/checkpoint_*")})
     if runs:
-        parts.append(f"Train checkpoints of {len(runs)} run{'' if len(runs) == 1 else 's'} in {root / 'train_runs'}")
+        parts.append(f"Train checkpoints of {len(runs)} run{'' if len(runs) == 1 else 's'} in {store.train_runs}")
     return ", ".join(parts) or "nothing (no stage had finished)"
 
 

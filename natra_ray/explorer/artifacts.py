@@ -18,17 +18,17 @@ that lists the candidates.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from natra_ray import cache
 from natra_ray.checkpoints import read_checkpoint
+from natra_ray.workflow.layout import CLASSIFIER_FOLDERS, StorageLayout
 
 GENERATOR_NAMES = ("generator_shifted.pt", "generator.pt")  # the shifted one is what decoding uses
-MANIFEST = "_complete.json"  # natra_ray.cache's marker of a finished entry
-CLASSIFIER_FOLDERS = ("trials", "runs")
-# Data fields that do not change the training images (stages/pipeline.py ignores them in its keys).
+# Data fields that do not change the training images (stages/pipeline.py ignores them in its keys):
+# a BIES entry trained with another test subset still fits a classifier (bies_matches).
 _NOT_TRAINING_DATA = ("test_subset", "num_workers", "download")
 
 
@@ -56,14 +56,14 @@ def _first_existing(folder: Path, names: Sequence[str]) -> Optional[Path]:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
-def _complete_entries(cache: Path, stage: str, must_hold: str) -> List[Path]:
-    return sorted(p for p in cache.glob(f"{stage}-*")
-                  if p.is_dir() and (p / MANIFEST).is_file() and (p / must_hold).is_file())
+def _complete_entries(entries: Path, stage: str, must_hold: str) -> List[Path]:
+    return sorted(p for p in entries.glob(f"{stage}-*")
+                  if p.is_dir() and cache.is_complete(p) and (p / must_hold).is_file())
 
 
 def _manifest(entry: Path) -> Dict[str, Any]:
     try:
-        return json.loads((entry / MANIFEST).read_text())
+        return cache.read_manifest(entry)
     except (OSError, ValueError):
         return {}
 
@@ -109,25 +109,21 @@ def _pick(stage: str, entries: List[Path], cfg: Optional[Mapping[str, Any]], mat
     return entries[0]
 
 
-def classifiers_under(root: Path) -> List[Path]:
-    return sorted(p for sub in CLASSIFIER_FOLDERS for p in (root / sub).glob("*/classifier.pt") if p.is_file())
-
-
-def from_cache(cache: Path, classifier: Path, source: str = "") -> PipelineFiles:
-    """Upstream entries of ``cache`` that fit ``classifier`` (see the module docstring)."""
+def from_cache(entries: Path, classifier: Path, source: str = "") -> PipelineFiles:
+    """Upstream entries of the stage cache ``entries`` that fit ``classifier`` (see the module docstring)."""
     cfg = read_checkpoint(classifier).get("config") or None
     hint = "--encoder/--generator/--directions select files directly"
-    bies = _pick("bies", _complete_entries(cache, "bies", "encoder.pt"), cfg, bies_matches, hint)
-    dirs = _pick("directions", _complete_entries(cache, "directions", "directions.pt"), cfg, directions_match, hint)
+    bies = _pick("bies", _complete_entries(entries, "bies", "encoder.pt"), cfg, bies_matches, hint)
+    dirs = _pick("directions", _complete_entries(entries, "directions", "directions.pt"), cfg, directions_match, hint)
     gen = _first_existing(bies, GENERATOR_NAMES)
     if gen is None:
         raise ArtifactError(f"{bies} has no {' or '.join(GENERATOR_NAMES)}")
-    return PipelineFiles(gen, bies / "encoder.pt", dirs / "directions.pt", classifier, source or str(cache.parent))
+    return PipelineFiles(gen, bies / "encoder.pt", dirs / "directions.pt", classifier, source or str(entries.parent))
 
 
-def from_cache_names(cache: Path, names: Sequence[str], classifier: Path, source: str = "") -> PipelineFiles:
+def from_cache_names(entries: Path, names: Sequence[str], classifier: Path, source: str = "") -> PipelineFiles:
     """The entries named ``names`` (e.g. ``bies-<key>``, ``directions-<key>``, as a trial logs them)."""
-    by_stage = {n.split("-", 1)[0]: cache / n for n in names}
+    by_stage = {n.split("-", 1)[0]: entries / n for n in names}
     missing = [s for s in ("bies", "directions") if s not in by_stage]
     if missing:
         raise ArtifactError(f"the run does not name its {' and '.join(missing)} cache entries "
@@ -153,8 +149,9 @@ def find_pipeline(folder: str | Path) -> PipelineFiles:
     flat = [folder / n for n in ("encoder.pt", "directions.pt", "classifier.pt")]
     if gen is not None and all(p.is_file() for p in flat):
         return PipelineFiles(gen, *flat, source=str(folder))
-    if (folder / "cache").is_dir():  # a storage root
-        clfs = classifiers_under(folder)
+    root = StorageLayout(folder)
+    if root.is_root():
+        clfs = root.classifiers()  # newest first
         if not clfs:
             raise ArtifactError(f"{folder} has a cache/ but no trained classifier under "
                                 f"{' or '.join(f'{s}/<name>/classifier.pt' for s in CLASSIFIER_FOLDERS)}")
@@ -162,9 +159,10 @@ def find_pipeline(folder: str | Path) -> PipelineFiles:
             listed = ", ".join(str(c.parent.relative_to(folder)) for c in clfs[:8])
             raise ArtifactError(f"{folder} holds {len(clfs)} classifiers ({listed}{' ...' if len(clfs) > 8 else ''}); "
                                 f"pass one of those folders, e.g. --artifacts {clfs[0].parent}")
-        return from_cache(folder / "cache", clfs[0], f"{folder} ({clfs[0].parent.relative_to(folder)})")
-    if (folder / "classifier.pt").is_file() and (folder.parent.parent / "cache").is_dir():  # trials/<id>
-        return from_cache(folder.parent.parent / "cache", folder / "classifier.pt", str(folder))
+        return from_cache(root.cache, clfs[0], f"{folder} ({clfs[0].parent.relative_to(folder)})")
+    owner = StorageLayout.of_classifier_folder(folder)  # trials/<id> or runs/<name> of a root
+    if owner is not None and (folder / "classifier.pt").is_file():
+        return from_cache(owner.cache, folder / "classifier.pt", str(folder))
     raise ArtifactError(f"{folder} is not a pipeline folder: expected generator_shifted.pt, encoder.pt, "
                         f"directions.pt and classifier.pt, or a storage root with cache/ and trials/ or runs/")
 
