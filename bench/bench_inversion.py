@@ -40,12 +40,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
+from natra_ray.cache import is_complete  # noqa: E402
 from natra_ray.config import Config, load_config  # noqa: E402
 from natra_ray.data import load_dataset  # noqa: E402
 from natra_ray.losses import Perceptual, image_loss, unit  # noqa: E402
 from natra_ray.models import Generator, to_unit  # noqa: E402
 from natra_ray.models.latent import lce_decode  # noqa: E402
-from natra_ray.stages import bies, gan, lce, pipeline  # noqa: E402
+from natra_ray.stages import bies, gan, lce  # noqa: E402
+from natra_ray.workflow.layout import StorageLayout  # noqa: E402
+from natra_ray.workflow.upstream import UPSTREAM_SEED, prepare_upstream  # noqa: E402
 
 log = logging.getLogger("bench.inversion")
 
@@ -59,14 +62,14 @@ def load_models(storage: Optional[str]) -> Tuple[Generator, nn.Module, Config, s
     """(shifted G, encoder, config they belong to, where they came from)."""
     cfg = load_config("cpu")
     bies_dir = benchlib.cpu_stage_dir("bies", storage or "")
-    if (bies_dir / "_complete.json").is_file():
+    if is_complete(bies_dir):
         G = gan.load_generator(bies_dir / "generator_shifted.pt")
         return G, bies.load_encoder(bies_dir / "encoder.pt", G), cfg, f"trained cpu-profile upstream ({bies_dir})"
     log.warning("no trained cpu-profile encoder at %s: training a small one with the smoke profile "
                 "(quality numbers below are then NOT the cpu profile's)", bies_dir)
     cfg = load_config("smoke")
     tmp = Path(tempfile.mkdtemp(prefix="natra-bench-inv-"))
-    up = pipeline.prepare_upstream(cfg, tmp, load_dataset(cfg.data, "train", seed=pipeline.UPSTREAM_SEED))
+    up = prepare_upstream(cfg, StorageLayout(tmp), load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
     G = gan.load_generator(up.generator_path)
     return G, bies.load_encoder(up.encoder_path, G), cfg, f"smoke-profile upstream trained now ({tmp})"
 
@@ -139,7 +142,7 @@ def main() -> None:
     perc = Perceptual.from_config(cfg.encoder)
     e = cfg.encoder
     n_opt = args.opt_images or (1 if args.quick else 8)
-    test = load_dataset(cfg.data, "test", seed=pipeline.UPSTREAM_SEED)
+    test = load_dataset(cfg.data, "test", seed=UPSTREAM_SEED)
     x_q = test.images[:n_opt]  # the images every method is scored on
     x_s = test.images[:args.speed_images or (16 if args.quick else 128)]  # the batch the batched methods are timed on
     layer = e.lce_layer

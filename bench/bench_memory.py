@@ -7,7 +7,7 @@ down), which reports ``ru_maxrss`` plus its RSS after setup (imports, data, code
   weights) and a few real NaTra training steps (``stages.robust.train_epoch``),
   at a grid of ``robust.batch_size`` and ``encoder.lce_codes``;
 * the full mode adds the ``cpu`` profile's whole single-process trial
-  (``stages.pipeline.run_trial``: 2 epochs of NaTra + the evaluation suite), which reads the
+  (``workflow.trial.run_trial``: 2 epochs of NaTra + the evaluation suite), which reads the
   trained upstream and codes from the stage cache and is skipped when they are absent.
 
 A Tune trial runs this work inside Ray processes (trial driver, Train worker, Data actor), each
@@ -88,19 +88,24 @@ def child_step(batch: int, codes: int, steps: int) -> Dict[str, float]:
 def child_trial() -> Dict[str, Any]:
     import torch
 
-    from natra_ray.cli import storage_root
+    from natra_ray import cache
+    from natra_ray.cli import layout
     from natra_ray.config import load_config
-    from natra_ray.stages import pipeline
+    from natra_ray.workflow.recorder import NullRecorder
+    from natra_ray.workflow.trial import in_process_fit, run_trial, trial_inputs
+    from natra_ray.workflow.upstream import load_splits, prepare_upstream, upstream_keys
 
     torch.set_num_threads(1)
     cfg = load_config("cpu")
-    root = storage_root(cfg)
-    keys = pipeline.upstream_keys(cfg)
-    if not all((root / "cache" / f"{s}-{k}" / "_complete.json").is_file() for s, k in keys.items()):
-        return {"skipped": f"no trained cpu-profile upstream in {root / 'cache'} (run the cpu chain first)"}
+    store = layout(cfg)
+    keys = upstream_keys(cfg)
+    if not all(cache.is_complete(cache.entry_dir(store.cache, s, k)) for s, k in keys.items()):
+        return {"skipped": f"no trained cpu-profile upstream in {store.cache} (run the cpu chain first)"}
     t = time.time()
     with tempfile.TemporaryDirectory(prefix="natra-bench-mem-") as out:
-        m = pipeline.run_trial(cfg, root, Path(out))
+        splits = load_splits(cfg)
+        up = prepare_upstream(cfg, store, splits["train"])
+        m = run_trial(cfg, trial_inputs(cfg, store, up, splits), Path(out), in_process_fit, NullRecorder()).metrics
     return {"peak_mb": peak_mb(), "seconds": time.time() - t, "test_clean_acc": m.get("test_clean_acc")}
 
 
@@ -165,7 +170,7 @@ def render(d: Dict[str, Any]) -> str:
     t = d.get("trial")
     if t:
         if "peak_mb" in t:
-            lines.append(f"\nThe cpu profile's whole single-process trial (pipeline.run_trial: 2 NaTra epochs + evaluation): "
+            lines.append(f"\nThe cpu profile's whole single-process trial (workflow.trial.run_trial: 2 NaTra epochs + evaluation): "
                          f"peak RSS {t['peak_mb']:.0f} MiB ({t['seconds']:.0f} s).")
         else:
             lines.append(f"\nWhole cpu trial: {t.get('skipped') or t.get('error')}")

@@ -23,7 +23,6 @@ Sizes are the ``cpu`` profile's; weights are random (speed does not depend on th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -264,7 +263,7 @@ def render(d: Dict[str, Any], main_row: Dict[str, Any], cfg: Config) -> str:
                      f"{r['flop_ratio_minimal']:.2f}x" if "flop_ratio_minimal" in r else "-",
                      f"{r['overhead_vs_flops']:.2f}", r["gflops_augmented"], f"{100 * r['gflops_augmented'] / peak1:.0f}%"])
     out = [benchlib.md_table(head, rows), ""]
-    out.append(f"Matmul peak (torch.mm 2048x2048 fp32, best of reps): "
+    out.append("Matmul peak (torch.mm 2048x2048 fp32, best of reps): "
                + ", ".join(f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in d["matmul_peak_gflops"].items())
                + f". Standard step: {d['rows'][0]['gflops_standard']:.1f} GFLOP/s.")
     out.append(f"Latent-Mixup reports GAN-Mixup at {d['latent_mixup_gan_mixup_ratio']:.1f}x a standard step "

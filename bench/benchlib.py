@@ -135,14 +135,16 @@ def command() -> str:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """``natra_ray.report.markdown_table`` with three significant digits (whole numbers from 100
+    on), without the final newline (the scripts join tables and paragraphs with blank lines)."""
+    from natra_ray.report import markdown_table
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
         return str(v)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(headers, rows, cell).rstrip("\n")
 
 
 def write_results(name: str, mode: str, body_md: str, data: Dict[str, Any], info: Dict[str, Any]) -> Path:
@@ -174,13 +176,14 @@ def start(threads: int = 1) -> Dict[str, Any]:
 def cpu_stage_dir(stage: str, storage: str = "") -> Path:
     """The stage-cache entry of ``stage`` ("gan", "bies", "directions") for the ``cpu`` profile,
     i.e. what ``make run`` trained, under ``storage`` (default: the profile's storage root)."""
-    from natra_ray.cli import storage_root
+    from natra_ray import cache
     from natra_ray.config import load_config
-    from natra_ray.stages import pipeline
+    from natra_ray.workflow.layout import StorageLayout
+    from natra_ray.workflow.upstream import upstream_keys
 
     cfg = load_config("cpu")
-    root = Path(storage).expanduser() if storage else storage_root(cfg)
-    return root / "cache" / f"{stage}-{pipeline.upstream_keys(cfg)[stage]}"
+    layout = StorageLayout.from_config(storage or cfg.tune.storage_path)
+    return cache.entry_dir(layout.cache, stage, upstream_keys(cfg)[stage])
 
 
 def random_latent_source(cfg: Any, n_items: int, n_codes: int, seed: int = 0) -> Any:
