@@ -139,7 +139,7 @@ def sweep(tmp_path_factory):
     t2.start()
     t2.log_metrics({"val_acc": 0.1}, step=0)
     t2.end("FAILED", "RuntimeError: CUDA out of memory")
-    st.log_parent_metrics({"best_val_acc": 0.7})
+    st.log_metrics({"best_val_acc": 0.7})
     st.finish("FINISHED")
     return {"uri": uri, "eid": eid, "root": root, "st": st, "parent": parent, "t1": t1, "t2": t2}
 
@@ -230,15 +230,53 @@ def test_parent_resume_and_context_manager_failure(sweep):
     run = c.get_run(t.run_id)
     assert run.info.status == "FAILED" and run.data.tags["natra.failure_reason"] == "RuntimeError: boom"
     other.finish("FAILED", "a trial failed")
-    assert c.get_run(other.parent_run_id).data.tags["natra.failure_reason"] == "a trial failed"
+    assert c.get_run(other.run_id).data.tags["natra.failure_reason"] == "a trial failed"
+
+
+def test_context_manager_ends_like_the_jobs_and_never_masks_the_exception(sweep):
+    """An interrupt ends the run KILLED, anything else FAILED (console.end_status), the reason at
+    most 5000 characters; a store that cannot record the end does not hide the trial's error."""
+    c = tr._client(sweep["uri"])
+    st = SweepTracker(sweep["uri"], sweep["eid"])
+    st.start_parent("interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        with st.trial_tracker("trial_int") as t:
+            raise KeyboardInterrupt
+    run = c.get_run(t.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["natra.failure_reason"].startswith("KeyboardInterrupt")
+    with pytest.raises(RuntimeError):
+        with st.trial_tracker("trial_long") as t:
+            raise RuntimeError("x" * 6000)
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FAILED" and len(run.data.tags["natra.failure_reason"]) == 5000
+    with pytest.raises(ValueError, match="the trial's own error"):
+        with st.trial_tracker("trial_gone") as t:
+            c.delete_run(t.run_id)  # recording the end now fails
+            raise ValueError("the trial's own error")
+    st.finish()
+
+
+def test_trial_tracker_is_the_mlflow_recorder():
+    """TrialTracker has every Recorder method with the protocol's parameters (extra ones optional)."""
+    import inspect
+
+    from natra_ray.workflow.recorder import Recorder
+
+    for name in ("log_params", "set_tags", "log_metrics", "log_dataset", "log_artifact", "log_classifier"):
+        want = list(inspect.signature(getattr(Recorder, name)).parameters.values())
+        got = list(inspect.signature(getattr(TrialTracker, name)).parameters.values())
+        assert [(p.name, p.kind, p.default) for p in got[:len(want)]] == \
+            [(p.name, p.kind, p.default) for p in want], name
+        assert all(p.default is not inspect.Parameter.empty for p in got[len(want):]), name
+    assert isinstance(TrialTracker("sqlite:////tmp/unused.db", "1", "parent", "trial"), Recorder)
 
 
 def test_metrics_on_a_deleted_run_fail_loudly(sweep):
     st = SweepTracker(sweep["uri"], sweep["eid"])
     st.start_parent("doomed")
-    tr._client(sweep["uri"]).delete_run(st.parent_run_id)
+    tr._client(sweep["uri"]).delete_run(st.run_id)
     with pytest.raises(TrackingError, match="log 1 metric"):
-        st.log_parent_metrics({"acc": 0.5}, step=0)
+        st.log_metrics({"acc": 0.5}, step=0)
 
 
 def test_artifacts(sweep, tmp_path):
@@ -248,12 +286,12 @@ def test_artifacts(sweep, tmp_path):
     (tmp_path / "figs" / "grid.txt").write_text("grid")
     st = SweepTracker(sweep["uri"], sweep["eid"])
     st.start_parent("with-artifacts")
-    st.log_parent_artifact(f)
+    st.log_artifact(f)
     st.log_artifacts(tmp_path / "figs", "figures")
-    names = {a.path for a in tr._client(sweep["uri"]).list_artifacts(st.parent_run_id)}
+    names = {a.path for a in tr._client(sweep["uri"]).list_artifacts(st.run_id)}
     assert names == {"report.txt", "figures"}
     with pytest.raises(FileNotFoundError):
-        st.log_parent_artifact(tmp_path / "missing.txt")
+        st.log_artifact(tmp_path / "missing.txt")
     st.finish()
 
 
