@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             fail(f"--name must be a plain folder name; got {args.name!r}")
         cfg = cfg.replace(**{"benchmark.name": args.name})
 
-    from natra_ray.cli import storage_root
+    from natra_ray.cli import layout
     from natra_ray.data import DatasetError
     from natra_ray.distributed import console
     from natra_ray.distributed.benchmark import run_benchmark
@@ -57,10 +57,9 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, SystemExit) as e:
         if not console.is_interrupt(e):
             raise  # rerunning the same command resumes: finished runs are kept
-        bench = storage_root(cfg) / "benchmarks" / cfg.benchmark.name
-        kept = console.kept_summary(storage_root(cfg))
+        kept = console.kept_summary(layout(cfg))
         args_back = [a for a in (sys.argv[1:] if argv is None else list(argv)) if a not in ("--fresh", "--no-resume")]
-        return console.end_interrupted(f"{kept}, finished runs in {bench / 'runs'}",
+        return console.end_interrupted(f"{kept}, finished runs in {layout(cfg).benchmark(cfg.benchmark.name)}",
                                        console.resume_command("jobs/benchmark.py", args_back, flag=None))
     print()
     head = out.report_path.read_text().split("\n## Corruption suite")[0].split("\n## Reference")[0]

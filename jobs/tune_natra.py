@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     if args.num_samples is not None and args.num_samples < 1:
         fail("--num-samples must be >= 1")
 
-    from natra_ray.cli import storage_root
+    from natra_ray.cli import layout
     from natra_ray.data import DatasetError
     from natra_ray.distributed import console
     from natra_ray.distributed.tracking import TrackingError, open_ui_command, runs_page_url
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         if not console.is_interrupt(e):
             raise
         job = "jobs/tune_natra.py"
-        return console.end_interrupted(console.kept_summary(storage_root(cfg), cfg.tune.name),
+        return console.end_interrupted(console.kept_summary(layout(cfg), cfg.tune.name),
                                        console.resume_command(job, sys.argv[1:] if argv is None else list(argv)))
     print()
     print(out.table_path.read_text())

@@ -21,7 +21,9 @@ from natra_ray.models import create_classifier, create_generator, create_model
 from natra_ray.models.latent import Directions
 from natra_ray.registry import Registry, UnknownNameError
 from natra_ray.search_space import load_search_space
-from natra_ray.stages import pipeline, robust
+from natra_ray.stages import robust
+from natra_ray.workflow.layout import StorageLayout
+from natra_ray.workflow.upstream import extra_model_paths, load_extra_models
 from natra_ray.stages import vae as vae_stage
 
 METHODS = ["none", "classic", "random_latent", "pgd", "fgsm", "mixup", "manifold_mixup", "gan_mixup",
@@ -454,13 +456,13 @@ def test_vae_stage_trains_with_the_elbo_and_the_pipeline_caches_it(world, tmp_pa
     assert art.metrics["vae_recon_mse"] < short.metrics["vae_recon_mse"]  # the ELBO training fits the data
     vae = vae_stage.load_vae(art.vae_path)
     assert not vae.training and vae.z_dim == cfg.vae.z_dim
-    paths = pipeline.method_extra_paths(cfg, tmp_path, data)
-    again = pipeline.method_extra_paths(cfg, tmp_path, data)
+    paths = extra_model_paths(cfg, StorageLayout(tmp_path), data)
+    again = extra_model_paths(cfg, StorageLayout(tmp_path), data)
     assert paths == again and set(paths) == {"vae"}
     assert cache.read_manifest(paths["vae"].parent)["summary"]["vae_recon_mse"] == pytest.approx(art.metrics["vae_recon_mse"])
-    other = pipeline.method_extra_paths(cfg.replace(**{"vae.z_dim": 4, "vae.steps": 2}), tmp_path, data)
+    other = extra_model_paths(cfg.replace(**{"vae.z_dim": 4, "vae.steps": 2}), StorageLayout(tmp_path), data)
     assert other["vae"] != paths["vae"]  # keyed on the vae config
-    assert pipeline.method_extra_paths(cfg.replace(**{"robust.method": "mixup"}), tmp_path, data) == {}
-    extra = pipeline.load_method_extra(paths, torch.device("cpu"))
+    assert extra_model_paths(cfg.replace(**{"robust.method": "mixup"}), StorageLayout(tmp_path), data) == {}
+    extra = load_extra_models(paths, torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(extra["vae"].decode(torch.zeros(1, cfg.vae.z_dim)), vae.decode(torch.zeros(1, cfg.vae.z_dim)))

@@ -21,7 +21,8 @@ from natra_ray.models import create_classifier
 from natra_ray.models.cvae import CvaeOutput, create_cvae, list_cvaes
 from natra_ray.search_space import search_space_from_dict
 from natra_ray.stages import cvae as stage
-from natra_ray.stages import pipeline
+from natra_ray.workflow.layout import StorageLayout
+from natra_ray.workflow.upstream import extra_model_paths, load_extra_models
 
 
 def blobs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -316,13 +317,13 @@ def test_cvae_is_selectable_by_config_and_search_space():
 def test_pipeline_trains_the_cvae_once_and_hands_it_to_the_method(tmp_path):
     cfg = tiny_cfg(**{"robust.method": "cvae", "cvae.epochs": 1})
     data = ImageDataset(blobs(40, 16, seed=4), torch.arange(40) % 3, ["a", "b", "c"])
-    paths = pipeline.method_extra_paths(cfg, tmp_path, data)
+    paths = extra_model_paths(cfg, StorageLayout(tmp_path), data)
     assert set(paths) == {"cvae"}
-    assert pipeline.method_extra_paths(cfg, tmp_path, data) == paths  # cached, not retrained
+    assert extra_model_paths(cfg, StorageLayout(tmp_path), data) == paths  # cached, not retrained
     summary = cache.read_manifest(paths["cvae"].parent)["summary"]
     assert "cvae_closure_mse" in summary and "cvae_test_total" in summary  # held-out part of the train images
     # the attack knobs live in robust.*: changing them reuses the CVAE; its own section retrains
-    assert pipeline.method_extra_paths(cfg.replace(**{"robust.cvae_eps": 2.0}), tmp_path, data) == paths
-    assert pipeline.method_extra_paths(cfg.replace(**{"cvae.reg_weight": 1.0}), tmp_path, data) != paths
-    extra = pipeline.load_method_extra(paths, torch.device("cpu"))
+    assert extra_model_paths(cfg.replace(**{"robust.cvae_eps": 2.0}), StorageLayout(tmp_path), data) == paths
+    assert extra_model_paths(cfg.replace(**{"cvae.reg_weight": 1.0}), StorageLayout(tmp_path), data) != paths
+    extra = load_extra_models(paths, torch.device("cpu"))
     assert extra["cvae"].latent_dim == 1 and not extra["cvae"].training

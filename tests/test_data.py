@@ -336,7 +336,7 @@ def test_image_folder_mixed_modes(tmp_path):
 
 # --------------------------------------------------------------------------- packaging / real data
 def test_data_package_does_not_import_ray():
-    code = "import sys, natra_ray.data, natra_ray.data.ray_source; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, natra_ray.data; assert 'ray' not in sys.modules, 'ray imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -359,7 +359,7 @@ def test_real_fashion_mnist(monkeypatch):
 # --------------------------------------------------------------------------- Ray Data
 @pytest.mark.ray
 def test_ray_dataset_round_trip(ray_session, tmp_path):
-    from natra_ray.data.ray_source import load_ray_dataset, to_ray_dataset
+    from natra_ray.distributed.data import to_ray_dataset
 
     make_fmnist(tmp_path / "fm", n_train=40)
     cfg = fcfg(tmp_path / "fm", channels=3)
@@ -371,5 +371,5 @@ def test_ray_dataset_round_trip(ray_session, tmp_path):
     assert batches[0]["label"].dtype == torch.int64
     assert torch.equal(torch.cat([b["image"] for b in batches]), ds.images)
     assert torch.equal(torch.cat([b["label"] for b in batches]), ds.labels)
-    row = load_ray_dataset(cfg, "test").take(1)[0]
-    assert row["image"].shape == (3, 32, 32) and row["image"].dtype == np.float32
+    row = to_ray_dataset(load_dataset(cfg, "test"), with_index=True).take(1)[0]
+    assert row["image"].shape == (3, 32, 32) and row["image"].dtype == np.float32 and row["idx"] == 0

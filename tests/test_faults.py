@@ -37,18 +37,16 @@ def _train_worker_pids(address: str) -> list:
 
 def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, ray_session, tmp_path):
     from natra_ray.distributed.train import fit_robust, load_result_state
-    from natra_ray.stages import pipeline
+    from natra_ray.workflow.upstream import load_splits
 
-    from test_ray_layer import tiny_upstream
+    from test_ray_layer import tiny_job
 
     cfg = load_config("smoke", overrides={
         "robust.method": "none", "robust.epochs": 3, "robust.batch_size": 64, "robust.classifier_width": 8,
         "robust.lr": 0.05, "robust.num_directions": 4, "data.train_subset": 1600, "data.test_subset": 200,
         "tune.data_stream": False, "tune.max_failures": 2})
-    splits = pipeline.load_splits(cfg)
-    paths = tiny_upstream(tmp_path, splits)
-
-    calm = load_result_state(fit_robust(cfg, "calm", tmp_path / "ray", paths))["history"]
+    splits = load_splits(cfg)
+    calm = load_result_state(fit_robust(tiny_job(cfg, tmp_path, splits, "calm"), "calm", tmp_path / "ray"))["history"]
 
     killed = []
 
@@ -71,7 +69,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, ray_sessio
 
     t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     t.start()
-    result = fit_robust(cfg, "faulty", tmp_path / "ray", paths)
+    result = fit_robust(tiny_job(cfg, tmp_path, splits, "faulty"), "faulty", tmp_path / "ray")
     t.join(timeout=5)
     assert killed, "no Train worker was found to kill"
     assert result.error is None, result.error

@@ -28,8 +28,10 @@ def test_resource_budget_counts_every_level():
     assert isinstance(ResourceError("x"), ConfigError)
 
 
-def tiny_upstream(tmp: Path, splits) -> dict:
-    """A tiny generator, random directions and codes: a real upstream in milliseconds."""
+def tiny_job(cfg, tmp: Path, splits, run_name: str):
+    """A classifier job on a tiny generator, random directions and codes: a real upstream in
+    milliseconds."""
+    from natra_ray.distributed.train import RobustJob, diverged_file
     from natra_ray.checkpoints import save_checkpoint
     from natra_ray.models import create_generator
     from natra_ray.models.latent import Directions
@@ -43,9 +45,9 @@ def tiny_upstream(tmp: Path, splits) -> dict:
     for k, ds in splits.items():
         with torch.no_grad():
             ws = G.broadcast(G.mapping(G.sample_z(len(ds))))[:, None]
-        codes[k] = str(LatentCodes(ws, torch.ones(len(ds), 1, G.layer_shape(0)[0]), 0).save(tmp / f"codes-{k}.pt"))
-    return {"generator_path": str(gpath), "encoder_path": str(gpath), "directions_path": str(tmp / "dirs.pt"),
-            "codes_paths": codes}
+        codes[k] = Path(LatentCodes(ws, torch.ones(len(ds), 1, G.layer_shape(0)[0]), 0).save(tmp / f"codes-{k}.pt"))
+    return RobustJob(cfg, Path(gpath), tmp / "dirs.pt", codes, {}, stream=False,
+                     diverged_file=diverged_file(tmp / "ray", run_name), title=run_name)
 
 
 @pytest.mark.ray
@@ -53,16 +55,16 @@ def tiny_upstream(tmp: Path, splits) -> dict:
 def test_two_worker_trainer_matches_single_process(ray_session, tmp_path):
     """Same seed, same data, same global batch: DDP over 2 workers ~ one process."""
     from natra_ray.distributed.train import fit_robust, load_result_state
-    from natra_ray.stages import pipeline, robust
+    from natra_ray.stages import robust
+    from natra_ray.workflow.upstream import load_splits
 
     over = {"robust.method": "none", "robust.num_directions": 4, "robust.epochs": 2, "robust.batch_size": 64, "robust.classifier_width": 8,
             "robust.lr": 0.05, "data.train_subset": 1200, "data.test_subset": 200, "tune.data_stream": False}
     cfg1 = load_config("smoke", overrides=over)
-    splits = pipeline.load_splits(cfg1)
+    splits = load_splits(cfg1)
     single = robust.run(cfg1, splits["train"], splits["val"], tmp_path / "single")
     cfg2 = cfg1.replace(**{"tune.train_workers": 2})
-    paths = tiny_upstream(tmp_path, splits)
-    result = fit_robust(cfg2, "two-workers", tmp_path / "ray", paths)
+    result = fit_robust(tiny_job(cfg2, tmp_path, splits, "two-workers"), "two-workers", tmp_path / "ray")
     assert result.error is None
     state = load_result_state(result)
     two = state["history"][-1]["val_acc"]
@@ -123,14 +125,15 @@ def test_two_worker_bies_matches_single_process(ray_session, tmp_path):
     computes the same encoder and shifted generator as the in-process stage."""
     import ray
 
-    from natra_ray.distributed.train import bies_fit
+    from natra_ray.distributed.upstream import bies_fit
     from natra_ray.models import create_generator
-    from natra_ray.stages import bies, pipeline
+    from natra_ray.stages import bies
+    from natra_ray.workflow.upstream import load_splits
 
     cfg = load_config("smoke", overrides={"gan.generator": "style_tiny", "encoder.steps": 6, "encoder.shift_steps": 4,
                                           "data.train_subset": 256, "data.test_subset": 64,
                                           "tune.upstream_workers": 2, "tune.upstream_cpus_per_worker": 1})
-    train = pipeline.load_splits(cfg)["train"]
+    train = load_splits(cfg)["train"]
     torch.manual_seed(0)
     G = create_generator("style_tiny", resolution=32)
     E1, Gs1, _ = bies.fit_in_process(cfg)(G, train)

@@ -159,9 +159,9 @@ LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::
 DASHBOARD_PROBE = r"""
 import json, os, sys, urllib.request, urllib.error
 from natra_ray.config import load_config
-from natra_ray.distributed.tune import _init_ray
+from natra_ray.distributed.ray_init import init_ray
 import ray
-_init_ray(load_config("smoke"))
+init_ray(load_config("smoke"))
 url = ray._private.worker.get_dashboard_url()
 status = {}
 for name, headers in (("anonymous", {}), ("bad_token", {"Authorization": "Bearer not-the-token"})):

@@ -1,7 +1,7 @@
 """An upstream stage interrupted for real continues from its checkpoint (real local Ray cluster,
 real driver processes, real Ctrl-C):
 
-1. the upstream driver (``distributed.tune.prepare_upstream``, what ``make run`` calls first) gets
+1. the upstream driver (``distributed.upstream.prepare_upstream``, what ``make run`` calls first) gets
    SIGINT once the GAN's Ray Train run has registered a checkpoint;
 2. the rerun's GAN starts from that checkpoint's step (never from step 0: the grids it writes
    are all past that step), finishes and is cached; it gets SIGINT once BIES has checkpointed
@@ -44,12 +44,13 @@ import json, os, sys
 from pathlib import Path
 import ray
 from natra_ray.config import load_config
-from natra_ray.distributed.tune import prepare_upstream
+from natra_ray.distributed.upstream import prepare_upstream
+from natra_ray.workflow.layout import StorageLayout
 from natra_ray.runtime import setup_logging
 setup_logging()
 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
 cfg = load_config("smoke", overrides=json.loads(sys.argv[2]))
-prepare_upstream(cfg, Path(sys.argv[1]), gan_report_every=int(sys.argv[3]))
+prepare_upstream(cfg, StorageLayout(Path(sys.argv[1])), gan_report_every=int(sys.argv[3]))
 print("UPSTREAM READY", flush=True)
 """
 
@@ -94,7 +95,7 @@ def _state(run: Path) -> dict:
 
 def test_interrupted_gan_and_bies_continue_from_their_checkpoints(ray_cluster, tmp_path):
     from natra_ray import cache
-    from natra_ray.distributed.train import upstream_run_name
+    from natra_ray.distributed.upstream import upstream_run_name
 
     t0 = time.time()
     cfg = load_config("smoke", overrides=OVERRIDES)
@@ -148,16 +149,16 @@ def test_finished_run_without_its_entry_is_reused_not_redone(ray_session, tmp_pa
 
     import ray
 
-    from natra_ray.distributed.train import bies_fit, gan_fit
-    from natra_ray.stages import pipeline
+    from natra_ray.distributed.upstream import bies_fit, gan_fit
+    from natra_ray.workflow.upstream import load_splits
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # passed on to the Train controller
     cfg = load_config("smoke", overrides=OVERRIDES).replace(**{"gan.steps": 6, "encoder.steps": 3, "encoder.shift_steps": 3})
-    train = pipeline.load_splits(cfg)["train"]
+    train = load_splits(cfg)["train"]
     fit_gan, fit_bies = gan_fit(tmp_path, ray.put(train), report_every=GAN_REPORT_EVERY)(cfg), bies_fit(tmp_path)(cfg)
     tr1, _ = fit_gan(tmp_path / "out1")
     E1, Gs1, times1 = fit_bies(tr1.G_ema, train)
-    with caplog.at_level(logging.INFO, logger="natra_ray.distributed.train"):
+    with caplog.at_level(logging.INFO, logger="natra_ray.distributed.upstream"):
         tr2, _ = fit_gan(tmp_path / "out2")
         E2, Gs2, times2 = fit_bies(tr1.G_ema, train)
     assert f"GAN resumes from step {cfg.gan.steps} of {cfg.gan.steps}" in caplog.text

@@ -9,17 +9,16 @@ Flow of ``run_benchmark``:
    profile), the latent codes of the benchmark's splits and the models some methods need (VAE,
    CVAE) - so the fan-out never has two tasks waiting on one cache lock;
 3. one Ray task per method x seed (``benchmark.cpus_per_task`` CPUs and as many torch threads:
-   2 at once on a 2-core machine) running the single-process trial (``pipeline.run_trial``),
+   2 at once on a 2-core machine) running the single-process trial (``workflow.trial.run_trial`` with the in-process fit),
    each with its MLflow child run under one parent;
 4. each finished run writes ``<storage>/benchmarks/<name>/results/<method>-s<seed>.json``
    atomically; a rerun skips those (resume), and its MLflow child run, found by its trial tag,
    is reused rather than duplicated;
-5. the report (``natra_ray.bench_report``: Markdown table, reference rows, PNG chart) is
+5. the report (``distributed/results.py``: Markdown table, reference rows, PNG chart) is
    written and logged to the parent run with per-method mean/std metrics.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,10 +26,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from natra_ray.config import Config, ConfigError, from_dict
+from natra_ray.cache import content_key
+from natra_ray.config import Config, ConfigError
 from natra_ray.distributed import console
+from natra_ray.workflow.layout import StorageLayout
+from natra_ray.workflow.upstream import RETIRED_KEYS, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ EXPERIMENT = "natra-benchmark"  # MLflow experiment unless tracking.experiment n
 RESULT_VERSION = 1
 # Config keys that may differ between a benchmark's runs (or between its invocations) without
 # changing what is measured: they are left out of the setup key and of the parent's params.
-_NOT_SETUP = ("seed", "device", "output_dir", "robust.method", "benchmark.methods", "benchmark.seeds",
+_NOT_SETUP = ("seed", "device", "robust.method", "benchmark.methods", "benchmark.seeds",
               "benchmark.name", "benchmark.cpus_per_task", "benchmark.gpus_per_task")
 _NOT_SETUP_SECTIONS = ("tune.", "tracking.")
 
@@ -99,8 +101,8 @@ def setup_params(cfg: Config) -> Dict[str, Any]:
 
 
 def setup_key(cfg: Config) -> str:
-    blob = json.dumps(setup_params(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # With the retired keys' one value, as the cache keys do: results made before their removal resume.
+    return content_key({**setup_params(cfg), **RETIRED_KEYS})
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
@@ -112,13 +114,8 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     return path
 
 
-def result_path(bench_dir: Path, run: BenchRun) -> Path:
-    return bench_dir / "results" / f"{run.name}.json"
-
-
-def load_result(bench_dir: Path, run: BenchRun, key: str) -> Optional[Dict[str, Any]]:
-    """The finished result of ``run``, or ``None``; a result of another setup is an error."""
-    p = result_path(bench_dir, run)
+def load_result(p: Path, key: str) -> Optional[Dict[str, Any]]:
+    """The finished result in ``p``, or ``None``; a result of another setup is an error."""
     if not p.is_file():
         return None
     try:
@@ -127,7 +124,7 @@ def load_result(bench_dir: Path, run: BenchRun, key: str) -> Optional[Dict[str, 
         log.warning("ignoring unreadable result %s (it will be recomputed)", p)
         return None
     if r.get("setup_key") != key:
-        raise ConfigError(f"benchmark results in {bench_dir} were made with another setup (key {r.get('setup_key')} "
+        raise ConfigError(f"benchmark results in {p.parent.parent} were made with another setup (key {r.get('setup_key')} "
                           f"!= {key}: the config changed); use another benchmark.name / --name, or --fresh to start over")
     return r
 
@@ -135,9 +132,9 @@ def load_result(bench_dir: Path, run: BenchRun, key: str) -> Optional[Dict[str, 
 def bench_splits(cfg: Config) -> Dict[str, Any]:
     """The profile's splits with the benchmark's train/val subsets (the first N: the splits are
     drawn from one seeded shuffle, so a prefix is a random subset)."""
-    from natra_ray.stages import pipeline
+    from natra_ray.workflow.upstream import load_splits
 
-    splits = pipeline.load_splits(cfg)
+    splits = load_splits(cfg)
     b = cfg.benchmark
     if b.train_examples and b.train_examples < len(splits["train"]):
         splits["train"] = splits["train"].subset(slice(0, b.train_examples))
@@ -147,87 +144,58 @@ def bench_splits(cfg: Config) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- Ray tasks
-def prepare_caches(cfg_dict: Dict[str, Any], root: str, methods: List[str], threads: int) -> Dict[str, Any]:
+def prepare_caches(cfg: Config, layout: StorageLayout, methods: List[str], threads: int) -> Tuple[Upstream, Dict[str, Any]]:
     """Everything the runs share, each computed once into the stage cache: the upstream (GAN,
     BIES + shift, directions: the same cache entries the sweep uses), the codes of the
     benchmark's splits for every LCE setting the methods use, and each method's extra model
-    (VAE, CVAE). Returns the upstream's paths and facts for the report."""
+    (VAE, CVAE). Returns the upstream and the facts of the setup for the report."""
     import torch
 
-    from natra_ray.augment.latent import lce_codes_for
     from natra_ray.runtime import setup_logging
-    from natra_ray.stages import pipeline, robust
+    from natra_ray.stages import robust
+    from natra_ray.workflow.trial import trial_inputs
+    from natra_ray.workflow.upstream import extra_model_paths, load_splits, prepare_upstream
 
     setup_logging()
     torch.set_num_threads(threads)
-    cfg = from_dict(cfg_dict)
-    full_train = pipeline.load_splits(cfg)["train"]
-    up = pipeline.prepare_upstream(cfg, Path(root), full_train)
+    full_train = load_splits(cfg)["train"]
+    up = prepare_upstream(cfg, layout, full_train)
     splits = bench_splits(cfg)
-    for n in sorted({lce_codes_for(m, cfg.encoder.lce_codes) for m in methods}):
-        pipeline.encode_splits(cfg, up, Path(root), splits, n)
-    for m in methods:  # the cache keys of these models cover the full training data: train on it
-        pipeline.method_extra_paths(cfg.replace(**{"robust.method": m}), Path(root), full_train)
+    for m in methods:  # each distinct set of codes / extra model is made once, the rest are cache hits
+        mcfg = cfg.replace(**{"robust.method": m})
+        extra_model_paths(mcfg, layout, full_train)  # their keys cover the full training data: train on it
+        trial_inputs(mcfg, layout, up, splits)
     clf = robust.build_classifier(cfg, len(splits["train"].class_names))
-    upstream = {"generator_path": str(up.generator_path), "encoder_path": str(up.encoder_path),
-                "directions_path": str(up.directions_path), "dirs": {k: str(v) for k, v in up.dirs.items()},
-                "metrics": up.metrics}
-    return {"upstream": upstream, "facts": {
-        "train_images": len(splits["train"]), "val_images": len(splits["val"]), "test_images": len(splits["test"]),
-        "classifier_params": sum(p.numel() for p in clf.parameters())}}
+    return up, {"train_images": len(splits["train"]), "val_images": len(splits["val"]),
+                "test_images": len(splits["test"]), "classifier_params": sum(p.numel() for p in clf.parameters())}
 
 
-def run_one(cfg_dict: Dict[str, Any], method: str, seed: int, root: str, bench_dir: str,
-            upstream: Dict[str, Any], tracking: Dict[str, str], threads: int) -> Dict[str, Any]:
-    """One method x seed: train, evaluate, log the MLflow child run, write the result file."""
+def run_one(base: Config, run: BenchRun, layout: StorageLayout, upstream: Upstream, tracking: Mapping[str, str],
+            threads: int) -> Dict[str, Any]:
+    """One method x seed: ``run_trial`` in this process, its MLflow child run, its result file."""
     import torch
 
-    from natra_ray.data.datasets import dataset_card
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.runtime import seed_everything, setup_logging
-    from natra_ray.stages import pipeline
+    from natra_ray.workflow.trial import in_process_fit, run_trial, trial_inputs
 
     setup_logging()
     torch.set_num_threads(threads)
-    run = BenchRun(method, seed)
-    base = from_dict(cfg_dict)
-    cfg = run_config(base, run)
-    key = setup_key(base)
-    tracker = TrialTracker(**tracking, trial_id=run.name, run_name=run.name, params=cfg.flat())
-    tracker.start()
-    tracker.set_tags({"natra.method": method, "natra.seed": seed, "natra.setup_key": key})
-    try:
-        seed_everything(seed)  # the classifier's initial weights; batches come from robust's own generator
-        out = Path(bench_dir) / "runs" / run.name
-        t0, c0 = time.time(), time.process_time()
-        splits = bench_splits(cfg)
-        tracker.log_dataset(dataset_card(cfg.data, splits))
-        metrics = pipeline.run_trial(cfg, Path(root), out, splits=splits, up=_upstream(upstream),
-                                     report=lambda m: tracker.log_metrics({k: v for k, v in m.items() if k != "epoch"},
-                                                                          step=int(m.get("epoch", 0))))
-        numeric = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    cfg, key, name = run_config(base, run), setup_key(base), base.benchmark.name
+    t0, c0 = time.time(), time.process_time()
+    with TrialTracker.from_spec(tracking, run.name, cfg.flat(), run_name=run.name) as recorder:
+        recorder.set_tags({"natra.method": run.method, "natra.seed": run.seed, "natra.setup_key": key})
+        seed_everything(run.seed)  # the classifier's initial weights; batches come from robust's own generator
+        inputs = trial_inputs(cfg, layout, upstream, bench_splits(cfg))
+        result = run_trial(cfg, inputs, layout.benchmark_run(name, run.name), in_process_fit, recorder)
         # CPU seconds of this process (all its threads): wall time on a shared machine says little
-        numeric["task_cpu_seconds"] = time.process_time() - c0
-        tracker.log_metrics(numeric, step=cfg.robust.epochs)
-        if out.is_dir():
-            tracker.log_artifacts(str(out))
-        result = {"version": RESULT_VERSION, "method": method, "seed": seed, "run": run.name, "setup_key": key,
-                  "status": "DONE", "metrics": numeric, "classifier_path": metrics.get("classifier_path"),
-                  "mlflow_run_id": tracker.run_id, "task_seconds": time.time() - t0, "finished_at": time.time()}
-        write_json_atomic(result_path(Path(bench_dir), run), result)
-        tracker.end("FINISHED")
-        return result
-    except BaseException as e:  # the reason reaches MLflow before the task dies
-        tracker.end(console.end_status(e), reason=f"{type(e).__name__}: {e}"[:5000])
-        raise
-
-
-def _upstream(d: Mapping[str, Any]):
-    from natra_ray.stages import pipeline
-
-    return pipeline.Upstream(Path(d["generator_path"]), Path(d["encoder_path"]), Path(d["directions_path"]),
-                             {k: Path(v) for k, v in (d.get("dirs") or {}).items()}, dict(d.get("metrics") or {}))
+        metrics = {**result.metrics, "task_cpu_seconds": time.process_time() - c0}
+        recorder.log_metrics(metrics, step=cfg.robust.epochs)
+        out = {"version": RESULT_VERSION, "method": run.method, "seed": run.seed, "run": run.name, "setup_key": key,
+               "status": "DONE", "metrics": metrics, "classifier_path": str(result.classifier_path),
+               "mlflow_run_id": recorder.run_id, "task_seconds": time.time() - t0, "finished_at": time.time()}
+        write_json_atomic(layout.benchmark_result(name, run.name), out)
+    return out
 
 
 # --------------------------------------------------------------------------- the driver
@@ -243,10 +211,6 @@ class BenchmarkOutcome:
     setup: Dict[str, Any] = field(default_factory=dict)
 
 
-def benchmark_dir(cfg: Config, root: Path) -> Path:
-    return root / "benchmarks" / cfg.benchmark.name
-
-
 def _tracking_cfg(cfg: Config) -> Config:
     return cfg if cfg.tracking.experiment.strip() else cfg.replace(**{"tracking.experiment": EXPERIMENT})
 
@@ -254,15 +218,14 @@ def _tracking_cfg(cfg: Config) -> Config:
 def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
                   resume: bool = True) -> BenchmarkOutcome:
     """The whole benchmark; see the module docstring."""
-    from natra_ray.cli import storage_root
     from natra_ray.distributed.tracking import SweepTracker, recorded_parent_run, resolve_tracking_uri, save_parent_run
 
     # 1. checks, before any compute
     methods, seeds = resolve_methods(methods, cfg), resolve_seeds(seeds, cfg)
     bcfg = bench_config(cfg)
     key = setup_key(bcfg)
-    root = storage_root(cfg)
-    bench_dir = benchmark_dir(cfg, root)
+    layout = StorageLayout.from_config(cfg.tune.storage_path)
+    bench_dir = layout.benchmark(cfg.benchmark.name)
     if not resume and bench_dir.exists():
         log.info("--fresh: removing the earlier results of benchmark %r (%s)", cfg.benchmark.name, bench_dir)
         shutil.rmtree(bench_dir)
@@ -277,7 +240,8 @@ def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: O
                           f"changed); use another --name, or --fresh to start it over")
     key_file.write_text(key)
     runs = [BenchRun(m, s) for s in seeds for m in methods]  # seed-major: a whole first seed comes first
-    done = {r.name: res for r in runs if (res := load_result(bench_dir, r, key)) is not None}
+    done = {r.name: res for r in runs
+            if (res := load_result(layout.benchmark_result(cfg.benchmark.name, r.name), key)) is not None}
     pending = [r for r in runs if r.name not in done]
     tracker = SweepTracker.from_config(tcfg)
     parent_id = tracker.start_parent(f"benchmark-{cfg.benchmark.name}", params=setup_params(bcfg),
@@ -289,25 +253,26 @@ def run_benchmark(cfg: Config, methods: Optional[Sequence[str]] = None, seeds: O
     log.info("benchmark %r: %d methods x %d seeds = %d runs; %d finished earlier, %d to run",
              cfg.benchmark.name, len(methods), len(seeds), len(runs), len(done), len(pending))
     try:
-        return _run(bcfg, methods, seeds, runs, done, pending, key, root, bench_dir, tracker, parent_id)
+        return _run(bcfg, methods, seeds, runs, done, pending, key, layout, tracker, parent_id)
     except BaseException as e:  # Ctrl-C / SIGTERM / a crash: the parent run says so
         tracker.finish(console.end_status(e), reason=f"{type(e).__name__}: {e}"[:2000])
         raise
 
 
 def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun], done: Dict[str, Dict[str, Any]],
-         pending: List[BenchRun], key: str, root: Path, bench_dir: Path, tracker: Any, parent_id: str) -> BenchmarkOutcome:
+         pending: List[BenchRun], key: str, layout: StorageLayout, tracker: Any, parent_id: str) -> BenchmarkOutcome:
     import ray
 
-    from natra_ray.distributed.train import node_threads
-    from natra_ray.distributed.tune import _init_ray
+    from natra_ray.distributed.ray_init import init_ray
+    from natra_ray.distributed.upstream import node_threads
 
     b = cfg.benchmark
+    bench_dir = layout.benchmark(b.name)
     facts_file = bench_dir / "setup.json"
     facts: Dict[str, Any] = json.loads(facts_file.read_text()) if facts_file.exists() else {}
     failed: List[Dict[str, Any]] = []
     if pending or not facts:  # else every run is finished: only the report is rewritten, no Ray
-        _init_ray(cfg)
+        init_ray(cfg)
         cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
         if b.cpus_per_task > cluster_cpus + 1e-9:
             raise ConfigError(f"benchmark.cpus_per_task={b.cpus_per_task:g} but the cluster has {cluster_cpus:g} CPUs; "
@@ -316,17 +281,15 @@ def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun]
         t0 = time.time()
         threads = node_threads()
         prep = ray.remote(num_cpus=threads, num_gpus=b.gpus_per_task, max_retries=0)(prepare_caches)
-        shared = ray.get(prep.remote(cfg.to_dict(), str(root), methods, threads))
-        upstream, facts = shared["upstream"], shared["facts"]
+        upstream, facts = ray.get(prep.remote(cfg, layout, methods, threads))
         write_json_atomic(facts_file, facts)
-        tracker.log_parent_metrics({f"upstream_{k}": v for k, v in upstream["metrics"].items()})
+        tracker.log_metrics({f"upstream_{k}": v for k, v in upstream.metrics.items()})
         log.info("upstream and caches ready in %.0f s", time.time() - t0)
         # 3. fan out: one task per pending method x seed
         task = ray.remote(num_cpus=b.cpus_per_task, num_gpus=b.gpus_per_task, max_retries=0)(run_one)
         threads = int(max(1, b.cpus_per_task))
         spec = tracker.trial_spec()
-        refs = {task.remote(cfg.to_dict(), r.method, r.seed, str(root), str(bench_dir), upstream, spec, threads): r
-                for r in pending}
+        refs = {task.remote(cfg, r, layout, upstream, spec, threads): r for r in pending}
         try:
             failed = _gather(refs, done, len(runs))
         except BaseException:
@@ -334,7 +297,7 @@ def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun]
                 ray.cancel(ref)
             raise
     # 4. report, from every finished result on disk (this run's and earlier ones)
-    from natra_ray import bench_report
+    from natra_ray.distributed import results
 
     rows = [done[r.name] for r in runs if r.name in done]
     setup = {"name": b.name, "profile": cfg.profile, "dataset": cfg.data.dataset, **facts,
@@ -345,13 +308,13 @@ def _run(cfg: Config, methods: List[str], seeds: List[int], runs: List[BenchRun]
              "deepfool_steps": cfg.eval.deepfool_steps, "w_dim": cfg.gan.w_dim, "lce_codes": cfg.encoder.lce_codes,
              "seeds": seeds, "methods": methods, "setup_key": key}
     missing = [r.name for r in runs if r.name not in done and all(f["run"] != r.name for f in failed)]
-    md, png = bench_report.write_report(rows, setup, bench_dir, failed, missing)
+    md, png = results.write_report(rows, setup, bench_dir, failed, missing)
     write_json_atomic(bench_dir / "results.json", {"setup": setup, "rows": rows, "failed": failed})
-    agg = bench_report.aggregate(rows)
-    tracker.log_parent_metrics({f"{m}/{k}_{stat}": v for m, a in agg.items() for k, s in a.items()
+    agg = results.aggregate(rows)
+    tracker.log_metrics({f"{m}/{k}_{stat}": v for m, a in agg.items() for k, s in a.items()
                                 for stat, v in (("mean", s[0]), ("std", s[1])) if v == v})
     for p in (md, png, bench_dir / "results.json"):
-        tracker.log_parent_artifact(str(p))
+        tracker.log_artifact(str(p))
     tracker.finish("FINISHED" if not failed and not missing else "FAILED",
                    reason=None if not failed else f"{len(failed)} run(s) failed: " + ", ".join(f["run"] for f in failed))
     return BenchmarkOutcome(rows, failed, [r.name for r in runs if r.name in done and r not in pending],
@@ -385,4 +348,4 @@ def _gather(refs: Dict[Any, BenchRun], done: Dict[str, Dict[str, Any]], total: i
 
 
 __all__ = ["BenchRun", "BenchmarkOutcome", "resolve_methods", "resolve_seeds", "bench_config", "setup_key",
-           "setup_params", "bench_splits", "run_one", "prepare_caches", "run_benchmark", "benchmark_dir", "EXPERIMENT"]
+           "setup_params", "bench_splits", "run_one", "prepare_caches", "run_benchmark", "EXPERIMENT"]

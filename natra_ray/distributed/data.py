@@ -1,9 +1,10 @@
 """Ray Data: the latent-augmented training stream.
 
-A split becomes a dataset of rows {image, label, idx}; a stateful ``map_batches`` actor
+A split becomes a dataset of rows {image, label, idx}. For a method that trains on random
+decodes (``Needs.random_decode``: the "Random" baseline), a stateful ``map_batches`` actor
 (``LatentAugmenter``) holds the frozen generator, the split's cached latent codes and the
 directions, and attaches to every batch a random natural transformation
-``x_rand = dec(enc(x) + V r)``, r ~ N(0, eps^2) (what the "Random" baseline trains on). The classifier workers read their shard with
+``x_rand = dec(enc(x) + V r)``, r ~ N(0, eps^2); every other method skips that decode. The classifier workers read their shard with
 ``iter_torch_batches``; the adversarial inner maximisation needs the *current* classifier,
 so it stays in the worker (an actor cannot hold weights that change every step).
 
@@ -14,7 +15,6 @@ order is shuffled every epoch.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
@@ -26,20 +26,18 @@ from natra_ray.data import ImageDataset
 class LatentAugmenter:
     """map_batches actor: one generator load per actor, reused for every batch."""
 
-    def __init__(self, cfg_dict: Dict[str, Any], generator_path: str, directions_path: str, codes_path: str,
-                 seed: int = 0) -> None:
-        from natra_ray.config import from_dict
+    def __init__(self, job: Any, seed: int = 0) -> None:
         from natra_ray.models.latent import Directions, resolve_layer_range
         from natra_ray.runtime import resolve_device
         from natra_ray.stages.gan import load_generator
         from natra_ray.stages.lce import LatentCodes
 
         torch.set_num_threads(1)
-        self.cfg = from_dict(cfg_dict)
+        self.cfg = job.cfg
         self.device = resolve_device(self.cfg.device)
-        self.G = load_generator(generator_path).to(self.device)
-        self.dirs = Directions.load(directions_path)
-        self.codes = LatentCodes.load(codes_path)
+        self.G = load_generator(job.generator_path).to(self.device)
+        self.dirs = Directions.load(job.directions_path)
+        self.codes = LatentCodes.load(job.codes["train"])
         self.range = resolve_layer_range(self.G, self.cfg.robust.layer_start, self.cfg.robust.layer_end)
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -59,25 +57,24 @@ class LatentAugmenter:
         return batch
 
 
-def training_stream(ds: ImageDataset, cfg_dict: Dict[str, Any], generator_path: Path, directions_path: Path,
-                    codes_path: Path, batch_size: int, use_gpu: bool = False, num_cpus: float = 0.5):
-    """rows {image, label, idx} in blocks of ``batch_size`` -> LatentAugmenter actor -> {..., x_rand}."""
+def training_stream(ds: ImageDataset, job: Any, use_gpu: bool = False):
+    """rows {image, label, idx} in blocks of ``robust.batch_size``; for a method that reads a random
+    decode (``Needs.random_decode``), through the LatentAugmenter actor -> {..., x_rand}.
+    ``job``: the trial's ``distributed.train.RobustJob``."""
     import ray
 
+    from natra_ray.augment import method_needs
     from natra_ray.distributed.console import quiet_ray_data
 
     quiet_ray_data()  # one line per batch per operator floods job logs; the trial has its own bar
-    n = len(ds)
-    table = {"image": ds.images.numpy(), "label": ds.labels.numpy().astype(np.int64),
-             "idx": np.arange(n, dtype=np.int64)}
-    arrow = _to_arrow(table)
-    blocks = [arrow.slice(i, batch_size) for i in range(0, n, batch_size)]
-    return ray.data.from_arrow(blocks).randomize_block_order().map_batches(
-        LatentAugmenter,
-        fn_constructor_kwargs={"cfg_dict": cfg_dict, "generator_path": str(generator_path),
-                               "directions_path": str(directions_path), "codes_path": str(codes_path)},
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0 if use_gpu else num_cpus, num_gpus=1 if use_gpu else 0,
+    cfg = job.cfg
+    blocks = to_ray_dataset(ds, rows_per_block=cfg.robust.batch_size, with_index=True).randomize_block_order()
+    if not method_needs(cfg.robust.method).random_decode:
+        return blocks
+    return blocks.map_batches(
+        LatentAugmenter, fn_constructor_kwargs={"job": job},
+        batch_size=cfg.robust.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0 if use_gpu else cfg.tune.data_cpus, num_gpus=1 if use_gpu else 0,
     )
 
 
@@ -95,9 +92,20 @@ def ingest_config():
         verbose_progress=ctx.execution_options.verbose_progress))
 
 
-def _to_arrow(table: Dict[str, np.ndarray]):
-    """Columns with per-row tensors as Arrow fixed-shape tensor arrays (what Ray Data reads)."""
+def to_ray_dataset(ds: ImageDataset, rows_per_block: int = 512, with_index: bool = False):
+    """Rows ``{"image": float32 (C, H, W), "label": int64}`` (and ``"idx"``, the row's position, the
+    key of per-example state) in the dataset's order, ``rows_per_block`` rows per Arrow block."""
     import pyarrow as pa
+    import ray.data
     from ray.data.extensions import ArrowTensorArray
 
-    return pa.table({k: (ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v)) for k, v in table.items()})
+    images = ds.images.detach().cpu().numpy().astype(np.float32, copy=False)
+    labels = ds.labels.detach().cpu().numpy().astype(np.int64, copy=False)
+    blocks = []
+    for start in range(0, max(len(ds), 1), rows_per_block):
+        sl = slice(start, start + rows_per_block)
+        cols = {"image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[sl])), "label": pa.array(labels[sl])}
+        if with_index:
+            cols["idx"] = pa.array(np.arange(len(ds), dtype=np.int64)[sl])
+        blocks.append(pa.table(cols))
+    return ray.data.from_arrow(blocks)

@@ -31,4 +31,33 @@ def bind_host(host: str, what: str) -> str:
     return host
 
 
-__all__ = ["bind_host", "is_loopback"]
+def init_ray(cfg) -> None:
+    """Join the cluster a job was submitted to, or start a local one (dashboard on loopback:
+    Train-in-Tune needs it, and exposing it is a deliberate act, see the README)."""
+    import os
+
+    import ray
+
+    from natra_ray.distributed import console
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user ("auto")
+        # The cluster's workers do not inherit this process's environment: the console settings
+        # travel in the job's runtime env.
+        env = console.worker_env()
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                     runtime_env={"env_vars": env} if env else None)
+        except ValueError:  # the submitted job sets one of them itself: its own value stands
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        # address="local": a fresh local instance. Without it ray.init() would try to join
+        # whatever cluster /tmp/ray/ray_current_cluster names, even a dead one (hangs).
+        ray.init(address="local", include_dashboard=True,
+                 dashboard_host=bind_host(cfg.tune.dashboard_host, "the Ray dashboard"),
+                 log_to_driver=True, configure_logging=False)
+    console.reclaim_signals()
+
+
+__all__ = ["bind_host", "init_ray", "is_loopback"]

@@ -1,28 +1,25 @@
-"""Ray Train: the per-worker loops and the drivers that build ``TorchTrainer`` jobs.
+"""Ray Train for the classifier: the per-worker loop and the ``Fit`` that runs it.
 
 Layers kept apart (Ray's train_tune_interop shape):
-- ``robust_worker_loop`` / ``gan_worker_loop`` run on every worker, end each epoch (or
-  chunk of steps) in ``ray.train.report(metrics, checkpoint=...)``, and resume from
-  ``ray.train.get_checkpoint()`` after a worker failure (``FailureConfig``);
-- ``fit_robust`` / ``fit_gan`` build ``TorchTrainer`` + ``ScalingConfig`` + ``RunConfig``;
-- the Tuner (``distributed/tune.py``) calls the drivers from its trial function.
-The stages they call stay Ray-free.
+- ``robust_worker_loop`` runs on every worker, ends each epoch in
+  ``ray.train.report(metrics, checkpoint=...)`` and resumes from ``ray.train.get_checkpoint()``
+  after a worker failure (``FailureConfig``); what it trains is one typed ``RobustJob``;
+- ``fit_robust`` builds ``TorchTrainer`` + ``ScalingConfig`` + ``RunConfig``;
+- ``ray_fit`` is the ``workflow.trial.Fit`` the Tune trial hands to ``run_trial``.
+The upstream stages' loops are in ``distributed/upstream.py``; the stages stay Ray-free.
 """
 from __future__ import annotations
 
 import logging
-import shutil
-import signal
 import tempfile
-import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-from natra_ray.config import Config, from_dict
+from natra_ray.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +71,33 @@ def _all_reduce_grads(module: torch.nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- robust classifier
+@dataclass(frozen=True)
+class RobustJob:
+    """What every classifier worker trains: the trial's config and the files it reads (never the
+    images themselves: each worker loads its splits from the config)."""
+
+    cfg: Config
+    generator_path: Path
+    directions_path: Path
+    codes: Mapping[str, Path]  # split -> codes.pt
+    extra: Mapping[str, Path]  # the method's extra models ("vae" / "cvae")
+    stream: bool  # the training batches come as a Ray Data shard
+    diverged_file: Path
+    title: str
+
+    @classmethod
+    def of(cls, cfg: Config, inputs: Any, storage_path: Path, run_name: str, stream: bool) -> "RobustJob":
+        """The job of ``workflow.trial.TrialInputs`` ``inputs`` as Train run ``run_name``."""
+        up = inputs.upstream
+        return cls(cfg, Path(up.generator_path), Path(up.directions_path), dict(inputs.codes), dict(inputs.extra),
+                   stream, diverged_file(storage_path, run_name), f"{run_name} ({cfg.robust.epochs} epochs)")
+
+    def upstream(self):
+        from natra_ray.workflow.upstream import Upstream
+
+        return Upstream(self.generator_path, Path(), self.directions_path, {}, {})
+
+
 def robust_worker_loop(config: Dict[str, Any]) -> None:
     """One classifier, data-parallel over the workers; the training split's latent-augmented
     batches arrive as this worker's Ray Data shard (or from memory when data_stream is off)."""
@@ -81,26 +105,26 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     import ray.train.torch
 
     from natra_ray import progress
-    from natra_ray.augment import Batch, needs_latent
+    from natra_ray.augment import Batch, method_needs
     from natra_ray.distributed.console import setup_worker
-    from natra_ray.stages import pipeline, robust
+    from natra_ray.stages import robust
+    from natra_ray.stages.lce import LatentCodes
+    from natra_ray.workflow.trial import latent_source
+    from natra_ray.workflow.upstream import load_extra_models, load_splits
 
     setup_worker()
-    cfg = from_dict(config["cfg"])
+    job: RobustJob = config["job"]
+    cfg = job.cfg
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     device = ray.train.torch.get_device()
-    splits = pipeline.load_splits(cfg)
-    up = pipeline.Upstream(Path(config["generator_path"]), Path(config["encoder_path"]),
-                           Path(config["directions_path"]), {}, {})
-    codes = {k: pipeline.lce.LatentCodes.load(p) for k, p in config["codes_paths"].items()}
-    latent = pipeline.latent_source(cfg, up, codes["train"], cfg.robust.eps) if needs_latent(cfg.robust.method) else None
-    if latent is not None:
-        latent.G.to(device)
-    val_latent = pipeline.latent_source(cfg, up, codes["val"], cfg.robust.eps)
-    extra = pipeline.load_method_extra(config.get("extra_paths", {}), device)  # e.g. the VAE of vae_mixup
+    splits = load_splits(cfg)
+    codes = {k: LatentCodes.load(job.codes[k]) for k in ("train", "val")}
+    latent = latent_source(cfg, job.upstream(), codes["train"], device) if method_needs(cfg.robust.method).latent else None
+    val_latent = latent_source(cfg, job.upstream(), codes["val"])
+    extra = load_extra_models(job.extra, device)  # e.g. the VAE of vae_mixup
     train = splits["train"]
     steps = len(train) // cfg.robust.batch_size
     state = robust.make_state(cfg, len(train.class_names), steps, device)
@@ -114,15 +138,15 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 7 + state.epoch)
     per_worker = cfg.robust.batch_size // world
 
-    shard = ray.train.get_dataset_shard("train") if config.get("stream") else None
+    shard = ray.train.get_dataset_shard("train") if job.stream else None
     # One bar per trial over all its epochs' batches (so its ETA covers the whole training).
-    pbar = progress.bar((cfg.robust.epochs - state.epoch) * steps, config.get("title", "training"),
-                        unit="batch", enabled=rank == 0)
+    pbar = progress.bar((cfg.robust.epochs - state.epoch) * steps, job.title, unit="batch", enabled=rank == 0)
 
     def stream_batches():
         for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True):
             pbar.update(1)
-            yield Batch(b["image"].float(), b["label"].long(), b["idx"].long(), x_rand=b["x_rand"].float())
+            x_rand = b["x_rand"].float() if "x_rand" in b else None
+            yield Batch(b["image"].float(), b["label"].long(), b["idx"].long(), x_rand=x_rand)
 
     def memory_batches():
         # The same seeded permutation on every rank, each taking its stride: DistributedSampler.
@@ -143,8 +167,8 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
             # the budget again. Leave the reason where the driver looks (run storage) and end
             # this worker cleanly; ``raise_if_diverged`` fails the trial with it. (Reporting it
             # as a metric would trip Tune's check that every result carries the sweep metric.)
-            Path(config["diverged_file"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(config["diverged_file"]).write_text(f"rank {rank}: {e}")
+            job.diverged_file.parent.mkdir(parents=True, exist_ok=True)
+            job.diverged_file.write_text(f"rank {rank}: {e}")
             return
         if latent is not None and world > 1:
             # Each example is seen by exactly one worker per epoch: summing the budget changes
@@ -152,7 +176,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
             delta = latent.eps - eps_before
             dist.all_reduce(delta)
             latent.eps.copy_(eps_before + delta)
-        m.update(robust.validate(cfg, state.bare, splits["val"], val_latent))
+        m.update(robust.val_metrics(cfg, state.bare, splits["val"], val_latent))
         if resumed_from is not None:  # the history shows where a lost worker picked up
             m["resumed_from_epoch"], resumed_from = float(resumed_from), None
         state.history.append(m)
@@ -161,8 +185,8 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     pbar.close()
 
 
-def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: Dict[str, Any],
-               callbacks: Optional[List[Any]] = None, datasets: Optional[Dict[str, Any]] = None):
+def fit_robust(job: RobustJob, run_name: str, storage_path: Path, callbacks: Optional[List[Any]] = None,
+               datasets: Optional[Dict[str, Any]] = None):
     """Build and run the classifier's TorchTrainer; returns the Ray Train ``Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -170,12 +194,10 @@ def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: D
     from natra_ray.distributed.console import train_logging_config
     from natra_ray.distributed.data import ingest_config
 
-    loop_config = {"cfg": cfg.to_dict(), **upstream_paths, "stream": bool(datasets),
-                   "diverged_file": str(diverged_file(storage_path, run_name)),
-                   "title": f"{run_name} ({cfg.robust.epochs} epochs)"}
+    cfg = job.cfg
     trainer = TorchTrainer(
         robust_worker_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"job": job},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=run_name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
@@ -185,6 +207,26 @@ def fit_robust(cfg: Config, run_name: str, storage_path: Path, upstream_paths: D
         dataset_config=ingest_config(),
     )
     return trainer.fit()
+
+
+def ray_fit(storage_path: Path, run_name: str, callbacks: Optional[List[Any]] = None):
+    """A ``workflow.trial.Fit`` that trains in a TorchTrainer named ``run_name`` (``tune.train_workers``
+    workers), fed by the Ray Data latent stream when ``tune.data_stream`` is on."""
+    def fit(cfg: Config, inputs: Any, report: Any):
+        from natra_ray.distributed.data import training_stream
+        from natra_ray.workflow.trial import Fitted
+
+        job = RobustJob.of(cfg, inputs, storage_path, run_name, stream=cfg.tune.data_stream)
+        datasets = {"train": training_stream(inputs.splits["train"], job, use_gpu=use_gpu(cfg))} if job.stream else None
+        result = fit_robust(job, run_name, storage_path, callbacks=callbacks, datasets=datasets)
+        if result.error is not None:
+            raise result.error
+        raise_if_diverged(storage_path, run_name)
+        state = load_result_state(result)
+        for m in state["history"]:
+            report(m)
+        return Fitted(state["model"], state["history"])
+    return fit
 
 
 def diverged_file(storage_path: Path, run_name: str) -> Path:
@@ -204,273 +246,5 @@ def load_result_state(result) -> Dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-# --------------------------------------------------------------------------- upstream stages
-def upstream_scaling_config(cfg: Config, node_cpus: float):
-    """GAN / BIES workers: nothing else runs before the trials, so by default one worker
-    takes a whole node's CPUs (at most 8) with one torch thread per CPU."""
-    from ray.train import ScalingConfig
-
-    gpu = use_gpu(cfg)
-    workers = cfg.tune.upstream_workers
-    cpus = cfg.tune.upstream_cpus_per_worker or max(1, min(8, int(node_cpus // workers)))
-    return ScalingConfig(num_workers=workers, use_gpu=gpu,
-                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})})
-
-
-def _worker_setup(config: Dict[str, Any]):
-    """Common to the upstream worker loops: config, logging, threads, rank/world, device."""
-    import ray.train
-    import ray.train.torch
-
-    from natra_ray.distributed.console import setup_worker
-
-    setup_worker()
-    cfg = from_dict(config["cfg"])
-    torch.set_num_threads(max(1, int(config["threads"])))
-    ctx = ray.train.get_context()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    return cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-
-
-def largest_node_cpus() -> float:
-    """CPUs of the biggest live node of the connected Ray cluster (1 if none reports any)."""
-    import ray
-
-    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-
-
-def node_threads() -> int:
-    """Torch threads for work that has a whole node to itself: its CPUs, at most 8."""
-    return int(max(1, min(8, largest_node_cpus())))
-
-
-def upstream_run_name(cfg: Config, stage: str) -> str:
-    """The Ray Train run of upstream ``stage`` ("gan" / "bies"): named exactly like the stage's
-    cache entry (``gan-<key>``; the key hashes the config the stage depends on). Ray Train restores
-    a run from the checkpoints under its name, so a stage interrupted before its entry was
-    stored continues from its last checkpoint when asked for the same entry again."""
-    from natra_ray import cache
-    from natra_ray.stages import pipeline
-
-    return cache.entry_dir(".", stage, pipeline.upstream_keys(cfg)[stage]).name
-
-
-def last_checkpoint(storage_path: Path, run_name: str):
-    """The latest checkpoint run ``run_name`` registered (a ``ray.train.Result``: ``.checkpoint``,
-    ``.metrics``), or None if it has none. A run folder Ray could not restore from (its snapshot
-    unreadable, or naming checkpoints that are gone) is removed: the stage starts afresh instead
-    of failing on every rerun."""
-    from ray.train import Result
-
-    run = Path(storage_path) / run_name
-    if not run.is_dir():
-        return None
-    try:
-        result = Result.from_path(run)
-    except Exception as e:  # no snapshot (killed before the first checkpoint), or a damaged one
-        log.warning("no usable checkpoint in %s (%s: %s); starting that stage afresh", run, type(e).__name__, e)
-        shutil.rmtree(run, ignore_errors=True)
-        return None
-    return result if result.checkpoint is not None else None
-
-
-def remove_stored_upstream_runs(storage_path: Path, entries: Dict[str, Path]) -> None:
-    """Delete the Train runs of upstream stages whose cache entry is complete. The entry holds the
-    result, and a GAN run's checkpoint (G, D, the EMA copy, both Adam states) is several times the
-    generator's size; while the entry is missing the run is kept, to be resumed."""
-    from natra_ray import cache
-
-    for stage in ("gan", "bies"):
-        entry = entries.get(stage)
-        if entry is None or not cache.is_complete(Path(entry)):
-            continue
-        storage = Path(storage_path)
-        # Runs named after a producer's private temp dir (``gan-.gan-<key>.<random>``) are never
-        # resumed by any name: removed with the entry's own run.
-        for run in [storage / Path(entry).name, *storage.glob(f"{stage}-.{Path(entry).name}.*")]:
-            if run.is_dir():
-                shutil.rmtree(run, ignore_errors=True)
-                log.info("removed %s (its result is in %s)", run, entry)
-
-
-def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, loop_config: Dict[str, Any]):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from natra_ray.distributed.console import train_logging_config
-
-    scaling = upstream_scaling_config(cfg, largest_node_cpus())
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config={"cfg": cfg.to_dict(), "threads": scaling.resources_per_worker["CPU"], **loop_config},
-        scaling_config=scaling,
-        run_config=RunConfig(name=run_name, storage_path=str(storage_path),
-                             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             logging_config=train_logging_config()),
-    )
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
-    try:
-        result = trainer.fit()
-    except SystemExit as e:
-        # Ray's Ctrl-C handler aborts the run, then exits with status 0; the job must see the
-        # interrupt as one (its runs are marked KILLED, the exit status is not success).
-        raise KeyboardInterrupt(f"{run_name} interrupted; its checkpoints are kept in {storage_path}") from e
-    finally:
-        # fit() leaves Ray's handler installed, bound to this run's (now gone) controller: a later
-        # Ctrl-C would be turned into a clean exit instead of an interrupt.
-        if sigint is not None:
-            signal.signal(signal.SIGINT, sigint)
-    if result.error is not None:
-        raise result.error
-    return result
-
-
-def gan_worker_loop(config: Dict[str, Any]) -> None:
-    """Data-parallel GAN pretraining (the stage's GanTrainer, gradients all-reduced): every
-    worker draws the same seeded batch and takes its stride. Rank 0 writes the sample grids;
-    a checkpoint every ``report_every`` steps is what a restarted worker resumes from."""
-    import ray
-    import ray.train
-
-    from natra_ray import progress
-    from natra_ray.stages import gan
-    from natra_ray.viz import save_grid
-
-    cfg, rank, world, device = _worker_setup(config)
-    tr = gan.GanTrainer(cfg, device, grad_sync=_all_reduce_grads)
-    saved = _load_state()
-    if saved is not None:
-        tr.load_state_dict(saved)
-        log.info("GAN worker %d resumed at step %d", rank, tr.step)
-    # Same initial weights everywhere (seeded above), but each worker's fakes must differ:
-    # the global RNG (latents, style mixing) is reseeded per rank.
-    torch.manual_seed(cfg.seed * 1000 + 1 + rank + tr.step)
-    data = ray.get(config["data"])
-    out_dir = Path(config["out_dir"])
-    z_fixed = gan.fixed_z(cfg, tr.G.z_dim)
-    g = cfg.gan
-    every = max(1, int(config.get("report_every", 100)))
-    t0, seen0 = time.time(), tr.images_seen
-    pbar = progress.bar(g.steps - tr.step, f"GAN steps {tr.step}-{g.steps}" if tr.step else "GAN steps",
-                        unit="step", enabled=rank == 0)
-    while tr.step < g.steps:
-        # Seeded by the step: a resumed worker continues the same batch sequence.
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + tr.step)
-        idx = torch.randint(len(data), (g.batch_size,), generator=gen)[rank::world]
-        m = tr.train_step(data.images[idx])
-        pbar.update(1)
-        gan.check_finite(m, tr.step, out_dir)
-        if rank == 0 and g.sample_every and tr.step % g.sample_every == 0:
-            save_grid(tr.samples(z_fixed), out_dir / "samples" / f"step_{tr.step:06d}.png", nrow=8)
-            log.info("gan step %d/%d %s (%.0f s)", tr.step, g.steps,
-                     " ".join(f"{k}={v:.3f}" for k, v in m.items()), time.time() - t0)
-        if tr.step % every == 0 or tr.step == g.steps:
-            rate = (tr.images_seen - seen0) * world / max(time.time() - t0, 1e-9)
-            ray.train.report({**m, "step": tr.step, "images_per_s": rate},
-                             checkpoint=_save_state(tr.state_dict()) if rank == 0 else None)
-    pbar.close()
-
-
-def gan_fit(storage_path: Path, data_ref: Any, report_every: int = 100):
-    """A ``stages.gan.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers), as the
-    run ``upstream_run_name(cfg, "gan")``: an interrupted GAN continues from its last checkpoint
-    (at most ``report_every`` steps are redone; the sample grids written before the interrupt
-    went with the cache's temporary folder, ``final.png`` is always written)."""
-    def for_config(cfg: Config):
-        def fit(out_dir: Path):
-            from natra_ray.stages import gan
-
-            t0 = time.time()
-            name = upstream_run_name(cfg, "gan")
-            prior = last_checkpoint(storage_path, name)
-            if prior is not None:
-                log.info("GAN resumes from step %d of %d (checkpoint %s)", int(prior.metrics.get("step", 0)),
-                         cfg.gan.steps, prior.checkpoint.path)
-            result = _run_upstream_trainer(gan_worker_loop, cfg, name, storage_path,
-                                           {"data": data_ref, "out_dir": str(out_dir), "report_every": report_every})
-            state = load_result_state(result)
-            if int(state["step"]) != cfg.gan.steps:  # never store an unfinished GAN as the entry
-                raise RuntimeError(f"GAN run {name} ended at step {state['step']} of {cfg.gan.steps}")
-            tr = gan.GanTrainer(cfg, torch.device("cpu"))
-            tr.load_state_dict(state)
-            last = {f"gan_{k}": float(v) for k, v in (result.metrics or {}).items()
-                    if k in ("d_loss", "g_loss", "r1", "gp", "images_per_s")}
-            return tr, {**last, "gan_seconds": time.time() - t0}
-        return fit
-    return for_config
-
-
-def bies_worker_loop(config: Dict[str, Any]) -> None:
-    """BIES data-parallel: the stage's train_encoder then shift_generator, each worker on its
-    shard of every batch with gradients all-reduced. A checkpoint after each phase: a worker
-    lost while shifting does not retrain the encoder."""
-    import ray
-    import ray.train
-
-    from natra_ray.losses import Perceptual
-    from natra_ray.stages import bies
-
-    cfg, rank, world, device = _worker_setup(config)
-    saved = _load_state() or {}
-    if "generator_shifted" in saved:  # a finished run whose cache entry was not stored: nothing to redo
-        return
-    G = ray.get(config["generator"]).to(device)
-    train = ray.get(config["data"])
-    perceptual = Perceptual.from_config(cfg.encoder).to(device) if cfg.encoder.gamma2 > 0 else None
-    times = dict(saved.get("times", {}))
-    if "encoder" in saved:
-        log.info("BIES worker %d resumed after the encoder phase", rank)
-        E = bies.build_encoder(cfg, G).to(device)
-        E.load_state_dict(saved["encoder"])
-        E.eval().requires_grad_(False)
-    else:
-        t0 = time.time()
-        E = bies.train_encoder(cfg, G, train, perceptual=perceptual, grad_sync=_all_reduce_grads, shard=(rank, world))
-        times["bies_encoder_seconds"] = time.time() - t0
-        state = {"encoder": E.state_dict(), "times": times}
-        ray.train.report({"phase": 1, **times}, checkpoint=_save_state(state) if rank == 0 else None)
-    t0 = time.time()
-    Gs = bies.shift_generator(cfg, G, E, train, perceptual=perceptual, grad_sync=_all_reduce_grads, shard=(rank, world))
-    times["bies_shift_seconds"] = time.time() - t0
-    state = {"encoder": E.state_dict(), "generator_shifted": Gs.state_dict(), "times": times}
-    ray.train.report({"phase": 2, **times}, checkpoint=_save_state(state) if rank == 0 else None)
-
-
-def bies_fit(storage_path: Path):
-    """A ``stages.bies.Fit`` that trains in a TorchTrainer (``upstream_workers`` workers), as the
-    run ``upstream_run_name(cfg, "bies")``: interrupted while shifting, it does not retrain the
-    encoder. ``G`` must be the generator of ``cfg``'s GAN entry (the BIES key covers the GAN's),
-    as ``pipeline.prepare_upstream`` passes it."""
-    import ray
-
-    def for_config(cfg: Config):
-        def fit(G, train):
-            import copy
-
-            from natra_ray.stages import bies
-
-            G_cpu = copy.deepcopy(G).cpu()
-            name = upstream_run_name(cfg, "bies")
-            prior = last_checkpoint(storage_path, name)
-            if prior is not None:
-                done = "the shift (the run had finished)" if prior.metrics.get("phase") == 2 else "the encoder phase"
-                log.info("BIES resumes after %s (checkpoint %s)", done, prior.checkpoint.path)
-            result = _run_upstream_trainer(bies_worker_loop, cfg, name, storage_path,
-                                           {"data": ray.put(train), "generator": ray.put(G_cpu)})
-            state = load_result_state(result)
-            if "generator_shifted" not in state:  # never store an encoder without its shifted generator
-                raise RuntimeError(f"BIES run {name} ended before shifting the generator")
-            E = bies.build_encoder(cfg, G_cpu)
-            E.load_state_dict(state["encoder"])
-            Gs = copy.deepcopy(G_cpu)
-            Gs.load_state_dict(state["generator_shifted"])
-            return E, Gs, {k: float(v) for k, v in state["times"].items()}
-        return fit
-    return for_config
-
-
-__all__ = ["robust_worker_loop", "fit_robust", "gan_worker_loop", "gan_fit", "bies_worker_loop", "bies_fit",
-           "largest_node_cpus", "last_checkpoint", "load_result_state", "node_threads", "raise_if_diverged",
-           "remove_stored_upstream_runs", "scaling_config", "upstream_run_name", "upstream_scaling_config"]
+__all__ = ["RobustJob", "robust_worker_loop", "fit_robust", "ray_fit", "load_result_state", "raise_if_diverged",
+           "scaling_config", "use_gpu"]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from natra_ray.augment import AugmentContext, Batch, create_method, soft_cross_entropy
@@ -143,7 +142,7 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
     return out
 
 
-def validate(cfg: Config, model: nn.Module, val: ImageDataset, val_latent: Optional[LatentSource]) -> Dict[str, float]:
+def val_metrics(cfg: Config, model: nn.Module, val: ImageDataset, val_latent: Optional[LatentSource]) -> Dict[str, float]:
     """Validation metrics (Tune optimises these; the test split is never used for selection)."""
     m = {"val_acc": accuracy(model, val.images, val.labels)}
     if val_latent is not None:
@@ -159,12 +158,11 @@ class RobustArtifacts:
     model: nn.Module
 
 
-def run(cfg: Config, train: ImageDataset, val: ImageDataset, out_dir: str | Path,
-        latent: Optional[LatentSource] = None, val_latent: Optional[LatentSource] = None,
-        report: Reporter = null_reporter, device: torch.device | None = None,
-        extra: Optional[Dict[str, Any]] = None) -> RobustArtifacts:
-    """Train ``robust.method`` for ``robust.epochs`` and save the classifier checkpoint."""
-    out_dir = Path(out_dir)
+def train(cfg: Config, train: ImageDataset, val: ImageDataset, latent: Optional[LatentSource] = None,
+          val_latent: Optional[LatentSource] = None, report: Reporter = null_reporter,
+          device: torch.device | None = None, extra: Optional[Dict[str, Any]] = None) -> TrainState:
+    """Train ``robust.method`` for ``robust.epochs`` in this process; ``report`` gets each epoch's
+    training and validation metrics."""
     device = device or (latent.device if latent is not None else torch.device("cpu"))
     num_classes = len(train.class_names)
     steps = len(train) // cfg.robust.batch_size
@@ -174,12 +172,21 @@ def run(cfg: Config, train: ImageDataset, val: ImageDataset, out_dir: str | Path
     gen = torch.Generator().manual_seed(cfg.seed)
     while state.epoch < cfg.robust.epochs:
         m = train_epoch(cfg, state, train, latent, gen, extra=extra)
-        m.update(validate(cfg, state.model, val, val_latent))
+        m.update(val_metrics(cfg, state.model, val, val_latent))
         state.history.append(m)
         report(m)
         log.info("robust[%s] epoch %d: %s", cfg.robust.method, state.epoch,
                  " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "epoch"))
-    path = save_classifier(out_dir / "classifier.pt", state.model, cfg, num_classes,
+    return state
+
+
+def run(cfg: Config, train_set: ImageDataset, val: ImageDataset, out_dir: str | Path,
+        latent: Optional[LatentSource] = None, val_latent: Optional[LatentSource] = None,
+        report: Reporter = null_reporter, device: torch.device | None = None,
+        extra: Optional[Dict[str, Any]] = None) -> RobustArtifacts:
+    """``train``, then save the classifier checkpoint in ``out_dir``."""
+    state = train(cfg, train_set, val, latent, val_latent, report, device, extra)
+    path = save_classifier(Path(out_dir) / "classifier.pt", state.model, cfg, len(train_set.class_names),
                            extra={"history": state.history, "method": cfg.robust.method})
     return RobustArtifacts(path, state.history, state.model)
 

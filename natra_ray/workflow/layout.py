@@ -76,6 +76,14 @@ class StorageLayout:
     def benchmark(self, name: str) -> Path:
         return self.root / "benchmarks" / name
 
+    def benchmark_run(self, name: str, run: str) -> Path:
+        """The output folder (classifier, grids) of one method x seed of benchmark ``name``."""
+        return self.benchmark(name) / "runs" / run
+
+    def benchmark_result(self, name: str, run: str) -> Path:
+        """The result file a finished method x seed leaves (what a resumed benchmark skips)."""
+        return self.benchmark(name) / "results" / f"{run}.json"
+
     def classifiers(self) -> list:
         """Every ``<trials|runs>/<name>/classifier.pt`` under the root, newest first."""
         found = [p for f in CLASSIFIER_FOLDERS for p in (self.root / f).glob("*/classifier.pt")]

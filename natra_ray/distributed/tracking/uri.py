@@ -114,7 +114,8 @@ def default_artifact_root(uri: str) -> Path | None:
     an address the other nodes reach (``ray_cluster.yaml``: the head's private address, with
     ``MLFLOW_TRACKING_URI`` set for every job started on the head)."""
     if _scheme(uri) == "sqlite":
-        return Path(_sqlite_path(uri)).parent / "mlartifacts"
+        # the store's folder read as a storage root: its mlartifacts/ beside its mlflow.db
+        return StorageLayout(Path(_sqlite_path(uri)).parent).mlartifacts
     return None
 
 
