@@ -44,7 +44,7 @@ def run_job(args, storage: Path, job: Path = TUNE, env: dict | None = None, time
     nothing was written."""
     e = {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
-    proc = subprocess.run([sys.executable, str(job), *args, f"tune.storage_path={storage}"],
+    proc = subprocess.run([sys.executable, str(job), *args, f"tune.storage_path={storage}"], check=False,
                           cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     return SimpleNamespace(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
@@ -177,8 +177,8 @@ DATA_CASES = {
     "mixed sizes": (_mixed_sizes, r"^error: images have mixed sizes: .* is 8x8 but .*/dog/big\.png is 10x12"),
     "mixed channels": (_mixed_channels, r"^error: images have mixed channel modes: .* is L but .*/dog/color\.png is RGB"),
     "empty class folder": (_empty_class, r"^error: class folder .*/zebra has no images"),
-    "a single class": (_one_class, r"^error: image folder .*/imgs has 1 class \(cat\); a classifier needs at least "
-                                   r"two class folders"),
+    "a single class": (_one_class, (r"^error: image folder .*/imgs has 1 class \(cat\); a classifier needs at least "
+                                    r"two class folders")),
 }
 
 
@@ -249,6 +249,15 @@ def test_unknown_config_key(tmp_path, good_folder, monkeypatch):
     assert_nothing_written(storage, proc)
 
 
+def test_removed_config_key(tmp_path, good_folder, monkeypatch):
+    """data.num_workers was never read and is gone: the job refuses it like any unknown key."""
+    storage = tmp_path / "store"
+    proc = call_job([*folder_args(good_folder), "data.num_workers=2"], storage, monkeypatch)
+    assert re.search(r"^error: unknown config key 'data\.num_workers'; allowed keys in section 'data': ",
+                     error_line(proc))
+    assert_nothing_written(storage, proc)
+
+
 def test_tracking_uri_with_unknown_scheme(tmp_path, good_folder):
     storage = tmp_path / "store"
     proc = run_job([*folder_args(good_folder), "tracking.uri=mlflw://tracking.example:5000"], storage)
@@ -292,13 +301,13 @@ def _future_version(tmp: Path) -> Path:
 CKPT_CASES = {
     "a discriminator, not a generator": (_discriminator, r"d\.pt holds a 'discriminator', not a 'generator'"),
     "generator for another image size": (_other_resolution,
-                                         r"^error: gan\.checkpoint: generator .*g64\.pt makes 1x64x64 images but "
-                                         r"the data is 1x32x32"),
+                                         (r"^error: gan\.checkpoint: generator .*g64\.pt makes 1x64x64 images but "
+                                          r"the data is 1x32x32")),
     "weights of another architecture": (_weights_of_another_size,
                                         r"g\.pt: tensor '.*' has shape \(.*\) but the model expects \(.*\)"),
     "future format version": (_future_version,
-                              rf"g\.pt has checkpoint format version {FORMAT_VERSION + 1}; this natra_ray reads "
-                              rf"versions 1\.\.{FORMAT_VERSION}\. Upgrade natra_ray"),
+                              (rf"g\.pt has checkpoint format version {FORMAT_VERSION + 1}; this natra_ray reads "
+                               rf"versions 1\.\.{FORMAT_VERSION}\. Upgrade natra_ray")),
 }
 
 

@@ -1,7 +1,21 @@
 """Config: profiles load, overrides apply, and every kind of bad value names its key."""
+import pickle
+import re
+
 import pytest
 
-from natra_ray.config import Config, ConfigError, list_profiles, load_config, parse_override, save_config
+from natra_ray import config_rules
+from natra_ray.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    list_profiles,
+    load_config,
+    parse_override,
+    plain,
+    save_config,
+    validate,
+)
 
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
@@ -55,13 +69,16 @@ def test_literal_lists_allowed_values():
 
 @pytest.mark.parametrize("override, fragment", [
     ("robust.eps=-0.1", "robust.eps must be >= 0"),
-    ("robust.rho=5.0", "rho (5.0) must be smaller than the truncation cap"),
+    ("robust.rho=5.0", "robust.rho=5.0 reaches the truncation cap robust.eps_cap=2.0"),
+    ("robust.eps=3.0", "robust.eps=3.0 exceeds robust.eps_cap=2.0"),
+    ("robust.lr=0", "robust.lr must be > 0; got 0.0"),
+    ("eval.severities=[0, 3]", "eval.severities must lie in 1..5; got [0, 3]"),
     ("encoder.lce_codes=0", "encoder.lce_codes must be >= 1"),
     ("data.image_size=30", "power of two"),
     ("robust.num_directions=99", "exceeds directions.num_directions"),
 ])
 def test_range_checks(override, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config("smoke", overrides=[override])
 
 
@@ -94,3 +111,47 @@ def test_key_depends_only_on_named_sections():
     assert a.key("data", "gan") == b.key("data", "gan")
     assert a.key("robust") != b.key("robust")
     assert isinstance(Config().flat()["gan.lr"], float)
+
+
+# The four keys nothing ever read; they are gone, so setting one is a typo like any other.
+REMOVED = {"output_dir": ("output_dir", "x"), "data.num_workers": ("data", {"num_workers": 2}),
+           "robust.clean_weight": ("robust", {"clean_weight": 0.5}),
+           "tracking.log_images": ("tracking", {"log_images": False})}
+
+
+@pytest.mark.parametrize("key", sorted(REMOVED))
+def test_removed_keys_are_unknown(key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load_config("smoke", overrides=[f"{key}={'x' if key == 'output_dir' else 2}"])
+    top, value = REMOVED[key]
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        from_dict({top: value})
+    assert key not in Config().flat()
+
+
+def test_config_pickles():
+    cfg = load_config("smoke", overrides=["robust.eps=0.3", "eval.severities=[1, 5]"])
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.key("robust", "eval") == cfg.key("robust", "eval")
+    assert again.eval.severities == (1, 5)  # still a tuple, still frozen
+    with pytest.raises(AttributeError):
+        again.robust.eps = 1.0  # type: ignore[misc]
+
+
+def test_rules_name_real_keys_and_pass_the_defaults():
+    flat = Config().flat()
+    keys = set(config_rules.RULES) | {k for o in config_rules.ORDERS for k in (o.small, o.large)}
+    assert keys <= set(flat), keys - set(flat)
+    assert list(config_rules.problems(flat)) == []
+    for profile in list_profiles():
+        validate(load_config(profile))
+
+
+def test_one_rule_two_framings():
+    """validate and the search space word a failure from the same Rule."""
+    rule = config_rules.RULES["robust.eps"]
+    assert rule.problem("robust.eps", -0.1) == "robust.eps must be >= 0; got -0.1"
+    assert rule.problem("robust.eps", -0.1, "low=-0.1") == "robust.eps low=-0.1 must be >= 0"
+    assert config_rules.value_problem("robust.eps", 0.0) is None
+    assert config_rules.value_problem("robust.momentum", -5.0) is None  # no rule for that key
+    assert plain({"a": (1, (2, 3))}) == {"a": [1, [2, 3]]}

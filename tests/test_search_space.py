@@ -4,6 +4,7 @@ TPE study only ever produces valid configs (conditions, layer order, determinism
 from __future__ import annotations
 
 import copy
+import pickle
 
 import optuna
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from natra_ray.augment import list_methods
 from natra_ray.config import ConfigError, load_config
+from natra_ray.config_rules import ORDERS
 from natra_ray.search_space import (
     SEARCH_SPACE_DIR,
     SearchSpace,
@@ -19,6 +21,7 @@ from natra_ray.search_space import (
     load_search_space,
     search_space_from_dict,
 )
+from natra_ray.search_space.space import num_ws_of
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -148,7 +151,7 @@ BAD = {
     "step not dividing": (with_params(robust__eps={"type": "float", "low": 0.1, "high": 1.0, "step": 0.4}),
                           r"robust.eps: high - low = 0.9 is not a multiple of step=0.4"),
     "unregistered method": (with_params(robust__method={"type": "categorical", "choices": ["natra", "natra_typo"]}),
-                            r"robust.method choice 'natra_typo' is not a registered augmentation method; known: .*natra_oa"),
+                            r"robust.method choice 'natra_typo' is not a registered augmentation method; choose one of: .*natra_oa"),
     "negative eps": (with_params(robust__eps={"type": "float", "low": -0.1, "high": 1.0}),
                      r"^search space 'bad': robust.eps low=-0.1 must be >= 0$"),
     "eps above cap": (with_params(robust__eps={"type": "float", "low": 0.1, "high": 2.5}),
@@ -160,7 +163,7 @@ BAD = {
                             r"robust.rho high=0.3 reaches the truncation cap robust.eps_cap low=0.25"),
     "cap below base rho": (with_params(robust__rho=None, robust__eps=None,
                                        robust__eps_cap={"type": "float", "low": 0.05, "high": 3.0}),
-                           r"robust.eps_cap low=0.05 is below robust.eps \(base config value 0.5\)"),
+                           r"robust.eps=0.5 \(base config\) exceeds robust.eps_cap low=0.05"),
     "lce codes < 1": (with_params(encoder__lce_codes={"type": "int", "low": 0, "high": 3}),
                       r"encoder.lce_codes low=0 must be >= 1"),
     "layer end too high": (with_params(robust__layer_end={"type": "int", "low": 0, "high": 8}),
@@ -188,8 +191,10 @@ BAD = {
                             r"robust.rho: 'when' robust.method: 'natra_oa' is not one of its choices \['natra', 'none'\]"),
     "bad ref": (with_params(robust__num_directions={"type": "int", "low": 2, "high": "$directions.num_direction"}),
                 r"high='\$directions.num_direction' refers to unknown config key.*did you mean: directions.num_directions"),
-    "generic config rule": (with_params(data__val_fraction={"type": "float", "low": 0.0, "high": 1.0}),
-                            r"data.val_fraction high=1.0 gives an invalid config: data.val_fraction must be in \[0, 1\)"),
+    "config range rule": (with_params(data__val_fraction={"type": "float", "low": 0.0, "high": 1.0}),
+                          r"^search space 'bad': data.val_fraction high=1.0 must be in \[0, 1\)$"),
+    "config cross-key rule": (with_params(cvae__family={"type": "categorical", "choices": ["rotation", "folders"]}),
+                              r"cvae.family choice 'folders' gives an invalid config: cvae.family=folders needs cvae.pairs_x"),
     "objective mode": ({**good_space(), "objectives": [{"metric": "val_acc", "mode": "maximize"}]},
                        r"objectives\[0\] \(val_acc\): mode must be 'max' or 'min'; got 'maximize'"),
     "objective metric": ({**good_space(), "objectives": [{"metric": 3, "mode": "max"}]},
@@ -234,7 +239,7 @@ def test_base_dependent_checks(cpu):
     with pytest.raises(SearchSpaceError, match=r"robust.layer_start high=7 .*num_ws=6"):
         search_space_from_dict(good_space(), cpu.replace(**{"data.image_size": 16}))
     # base layer_start above a searched end's low
-    with pytest.raises(SearchSpaceError, match=r"robust.layer_end low=0 is below robust.layer_start \(base config value 3\)"):
+    with pytest.raises(SearchSpaceError, match=r"robust.layer_end low=0 is below robust.layer_start=3 \(base config\)"):
         search_space_from_dict(with_params(robust__layer_start=None), cpu.replace(**{"robust.layer_start": 3}))
 
 
@@ -289,7 +294,7 @@ def test_same_seed_same_sequence(smoke):
 
 def test_fixed_values_are_returned_constants(cpu):
     raw = with_params(robust__pgd_steps={"fixed": 2},
-                      robust__clean_weight={"fixed": 0.5, "when": {"robust.method": ["natra"]}},
+                      robust__label_smoothing_c={"fixed": 0.2, "when": {"robust.method": ["natra"]}},
                       eval__severities={"fixed": [1, 5]})
     space = search_space_from_dict(raw, cpu, name="fx")
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
@@ -298,9 +303,10 @@ def test_fixed_values_are_returned_constants(cpu):
         consts = space.define_by_run(trial)
         assert consts["robust.pgd_steps"] == 2 and consts["eval.severities"] == (1, 5)
         assert "robust.pgd_steps" not in trial.params  # constants are returned, not suggested
-        assert ("robust.clean_weight" in consts) == (trial.params["robust.method"] == "natra")
+        assert ("robust.label_smoothing_c" in consts) == (trial.params["robust.method"] == "natra")
         cfg = space.sample_config(cpu, {**trial.params, **consts})
         assert cfg.robust.pgd_steps == 2 and cfg.eval.severities == (1, 5)
+        assert cfg.robust.label_smoothing_c == (0.2 if trial.params["robust.method"] == "natra" else 0.1)
         study.tell(trial, 0.0)
 
 
@@ -343,3 +349,39 @@ def test_ray_optuna_search_uses_dotted_flat_names(cpu):
     config = mo.suggest("m0")
     assert multi.sample_config(cpu, config).robust.method == config["robust.method"]
     mo.on_trial_complete("m0", {"val_acc": 0.9, "val_natural_acc": 0.5})
+
+
+# --------------------------------------------------------------------------- one rule, asked twice
+@pytest.mark.parametrize("order", ORDERS, ids=lambda o: f"{o.small}<={o.large}")
+def test_orders_are_asked_not_restated(order, cpu):
+    """A space that lets ``small`` pass ``large`` is refused in the config's own words."""
+    flat = cpu.flat()
+    small, high = flat[order.small], flat[order.large] + 1
+    raw = {"params": {order.small: {"type": "int" if isinstance(small, int) else "float",
+                                    "low": small, "high": high}}}
+    with pytest.raises(SearchSpaceError) as space_err:
+        search_space_from_dict(raw, cpu, name="o")
+    with pytest.raises(ConfigError) as config_err:
+        cpu.replace(**{order.small: high})
+    assert f"{order.small} high={high} " in str(space_err.value)
+    assert order.why in str(space_err.value) and order.why in str(config_err.value)
+
+
+def test_layer_range_uses_the_generators_count():
+    from natra_ray.models import create_generator
+
+    for res in (8, 16, 32):
+        G = create_generator("style", resolution=res, z_dim=8, w_dim=8, mapping_layers=1, channels=16)
+        assert num_ws_of(res) == G.num_ws
+
+
+# --------------------------------------------------------------------------- through Ray
+def test_space_pickles_and_samples_the_same_after(cpu):
+    """The Tune layer hands each trial the validated object (``tune.with_parameters(space=...)``):
+    it pickles, keeps its name, and samples exactly as the original."""
+    space = load_search_space("default", cpu)
+    again = pickle.loads(pickle.dumps(space))
+    assert again == space and again.name == "default" and again.source == space.source
+    a, cfgs_a = run_study(space, cpu, n=6, seed=3)
+    b, cfgs_b = run_study(again, cpu, n=6, seed=3)
+    assert a == b and cfgs_a == cfgs_b

@@ -39,6 +39,12 @@ def from_unit(img: torch.Tensor) -> torch.Tensor:
     return img * 2 - 1
 
 
+def num_style_inputs(resolution: int) -> int:
+    """``num_ws`` of the style generator at ``resolution``: one per layer plus to_rgb. A pure
+    function so the search space can check layer ranges without building a generator."""
+    return 2 * int(math.log2(resolution)) - 2
+
+
 class Generator(nn.Module):
     """The interface (GANSpace's model wrapper idea): stages use only these members."""
 
@@ -99,7 +105,7 @@ class StyleGenerator(Generator):
         self.resolution, self.img_channels = resolution, img_channels
         self.z_dim, self.w_dim = z_dim, w_dim
         self.num_layers = 1 + 2 * (log_res - 2)
-        self.num_ws = self.num_layers + 1
+        self.num_ws = num_style_inputs(resolution)  # num_layers + 1
 
         layers = [EqualLinear(z_dim if i == 0 else w_dim, w_dim, lr_mult=mapping_lr_mult, activate=True)
                   for i in range(mapping_layers)]

@@ -1,0 +1,188 @@
+"""Which config values are valid: every range and cross-key rule, stated once, as data.
+
+``natra_ray.config.validate`` applies these rules to a loaded config. ``natra_ray.search_space``
+asks the same rules about the extreme values a search space can produce (range ends, each
+choice, fixed values), so a space is refused at load for exactly the reasons a config would be,
+and no rule is written twice. Nothing here raises: a check returns the sentence that says what
+is wrong (or None) and the caller raises its own error with it.
+
+Three kinds of rule, keyed by the ``"section.key"`` names of ``Config.flat()``:
+
+- ``RULES``: what one key's value must satisfy on its own (a ``Rule``: a test and its words).
+- ``ORDERS``: one numeric key must stay at or below another (an ``Order``: eps <= eps_cap, ...).
+  Orders are kept apart from the other cross-key rules because they are monotone: a search
+  space need only check the largest value of the smaller key against the smallest of the other.
+- ``CROSS_CHECKS``: any other rule over several keys (a function of the flat config).
+
+Types are not checked here (``natra_ray.config.coerce`` does that first, on load and in a
+search space), so a rule's test may assume the value has its field's type.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+# --------------------------------------------------------------------------- one key
+@dataclass(frozen=True)
+class Rule:
+    """``test(value)`` must hold; ``must`` completes "<key> must ..." (e.g. "be >= 0").
+
+    A rule with ``names`` is a membership rule (a registry): its failure lists the allowed
+    names, which are looked up only then (the registry imports torch)."""
+
+    test: Callable[[Any], bool]
+    must: str
+    names: Callable[[], Sequence[str]] | None = None
+
+    def problem(self, key: str, value: Any, subject: str = "") -> str | None:
+        """None when ``value`` passes, else the sentence saying why not. ``subject`` is how the
+        caller names the value ("low=-0.1", "choice 'natra'"); without one the sentence names
+        the key and ends with the value ("robust.eps must be >= 0; got -0.1")."""
+        if self.test(value):
+            return None
+        if self.names is not None:
+            return (f"{key} {subject or repr(value)} is not {self.must}; "
+                    f"choose one of: {', '.join(self.names())}")
+        return f"{key} {subject} must {self.must}" if subject else f"{key} must {self.must}; got {value!r}"
+
+
+def _note(why: str) -> str:
+    return f" ({why})" if why else ""
+
+
+def at_least(low: float, why: str = "") -> Rule:
+    return Rule(lambda v: v >= low, f"be >= {low:g}{_note(why)}")
+
+
+def above(low: float, why: str = "") -> Rule:
+    return Rule(lambda v: v > low, f"be > {low:g}{_note(why)}")
+
+
+def within(low: float, high: float, *, high_open: bool = False, why: str = "") -> Rule:
+    """``low <= v <= high`` (``< high`` when ``high_open``)."""
+    return Rule(lambda v: low <= v and (v < high if high_open else v <= high),
+                f"be in [{low:g}, {high:g}{')' if high_open else ']'}{_note(why)}")
+
+
+def _each(section: str, keys: str, rule: Rule) -> dict[str, Rule]:
+    return {f"{section}.{k}": rule for k in keys.split()}
+
+
+def _methods() -> Sequence[str]:
+    # imported here, not at the top: the method registry imports natra_ray.config (and torch)
+    from natra_ray.augment import list_methods
+
+    return list_methods()
+
+
+RULES: dict[str, Rule] = {
+    "data.image_size": Rule(lambda s: s >= 8 and s & (s - 1) == 0, "be a power of two >= 8"),
+    "data.channels": Rule(lambda c: c in (1, 3), "be 1 or 3"),
+    "data.val_fraction": within(0, 1, high_open=True),
+    **_each("data", "train_subset test_subset", at_least(0, "0 = whole split")),
+    **_each("gan", "z_dim w_dim mapping_layers channels batch_size n_critic r1_every", at_least(1)),
+    **_each("gan", "steps sample_every", at_least(0)),
+    "gan.lr": above(0),
+    **_each("encoder", "batch_size lce_codes", at_least(1)),
+    **_each("directions", "num_samples num_directions", at_least(1)),
+    "robust.method": Rule(lambda m: m in _methods(), "a registered augmentation method", names=_methods),
+    **_each("robust", "epochs batch_size num_directions classifier_width advmix_candidates", at_least(1)),
+    **_each("robust", "eps rho label_smoothing_c pgd_steps cvae_eps cvae_steps cvae_step_size", at_least(0)),
+    "robust.lr": above(0),
+    "robust.pixel_eps": within(0, 1, why="images are in [0, 1]"),
+    "robust.mixup_alpha": above(0, "Beta(a, a) mixing"),
+    **_each("robust", "classic_rotation_deg classic_shear_deg classic_translate classic_brightness",
+            at_least(0, "a +- range")),
+    "robust.classic_scale": within(0, 1, high_open=True, why="zoom in [1 - s, 1 + s]"),
+    "robust.classic_contrast": within(0, 1, high_open=True),
+    "robust.advmix_split": at_least(-1, "-1 = num_ws // 2"),
+    **_each("vae", "z_dim channels batch_size", at_least(1)),
+    "vae.steps": at_least(0),
+    "vae.lr": above(0),
+    **_each("cvae", "latent_dim hidden batch_size", at_least(1)),
+    **_each("cvae", "epochs sweep_images beta reg_weight max_param", at_least(0)),
+    "cvae.lr": above(0),
+    "eval.natural_eps": at_least(0),
+    "eval.severities": Rule(lambda vs: all(1 <= v <= 5 for v in vs), "lie in 1..5"),
+    **_each("tune", "num_samples train_workers cpus_per_worker upstream_workers", at_least(1)),
+    "benchmark.seeds": Rule(lambda s: len(s) >= 1, "list at least one seed"),
+    **_each("benchmark", "epochs train_examples val_examples eval_examples",
+            at_least(0, "0 = the profile's own value")),
+    "benchmark.cpus_per_task": above(0),
+    "benchmark.gpus_per_task": at_least(0),
+}
+
+
+def value_problem(key: str, value: Any, subject: str = "") -> str | None:
+    """What is wrong with ``value`` for ``key`` on its own (None: nothing, or no rule)."""
+    rule = RULES.get(key)
+    return rule.problem(key, value, subject) if rule else None
+
+
+# --------------------------------------------------------------------------- two keys, ordered
+@dataclass(frozen=True)
+class Order:
+    """``small <= large`` (``small < large`` when ``strict``) for two numeric keys."""
+
+    small: str
+    large: str
+    strict: bool
+    why: str  # said after the failure
+    large_is: str = ""  # what the large key is, said before its name ("the truncation cap ")
+
+    def holds(self, small: Any, large: Any) -> bool:
+        return small < large if self.strict else small <= large
+
+    def problem(self, small_text: str, large_text: str) -> str:
+        """The failure, given each key named with its value ("robust.eps=0.6", "robust.eps
+        high=2.5", "robust.eps_cap=2.0 (base config)")."""
+        verb = "reaches" if self.strict else "exceeds"
+        return f"{small_text} {verb} {self.large_is}{large_text}; {self.why}"
+
+
+ORDERS: tuple[Order, ...] = (
+    Order("robust.eps", "robust.eps_cap", strict=False,
+          why="APT starts each example at eps and grows it by rho up to the cap"),
+    Order("robust.rho", "robust.eps_cap", strict=True, large_is="the truncation cap ",
+          why="the APT step rho must stay below eps_cap"),
+    Order("robust.num_directions", "directions.num_directions", strict=False,
+          why="cannot attack along directions that were not estimated"),
+)
+
+
+# --------------------------------------------------------------------------- other cross-key rules
+def _folders_need_pairs(f: Mapping[str, Any]) -> str | None:
+    if f["cvae.family"] == "folders" and not (f["cvae.pairs_x"] and f["cvae.pairs_x_prime"]):
+        return "cvae.family=folders needs cvae.pairs_x and cvae.pairs_x_prime (two folders, same file names)"
+    return None
+
+
+def _folders_have_no_bundles(f: Mapping[str, Any]) -> str | None:
+    if f["cvae.family"] == "folders" and f["cvae.reg_weight"] != 0:
+        return "cvae.reg_weight needs sample bundles (x, T_theta x, T_2theta x); user pairs have none: set it to 0"
+    return None
+
+
+CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (
+    _folders_need_pairs, _folders_have_no_bundles,
+)
+
+
+def cross_problem(flat: Mapping[str, Any]) -> str | None:
+    """The first ``CROSS_CHECKS`` failure of a flat config, or None."""
+    return next((p for check in CROSS_CHECKS if (p := check(flat))), None)
+
+
+# --------------------------------------------------------------------------- all of them
+def problems(flat: Mapping[str, Any]) -> Iterator[str]:
+    """Every rule a flat config (``Config.flat()``) breaks, one sentence each."""
+    for key, rule in RULES.items():
+        if (p := rule.problem(key, flat[key])) is not None:
+            yield p
+    for o in ORDERS:
+        a, b = flat[o.small], flat[o.large]
+        if not o.holds(a, b):
+            yield o.problem(f"{o.small}={a}", f"{o.large}={b}")
+    yield from (p for check in CROSS_CHECKS if (p := check(flat)) is not None)

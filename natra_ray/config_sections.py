@@ -1,0 +1,234 @@
+"""The config sections: one frozen dataclass per section, its keys, types and defaults.
+
+This module is the schema only. ``natra_ray.config`` assembles the sections into ``Config``,
+type-checks loaded values against these annotations and re-exports every class here (import
+them from ``natra_ray.config``); ``natra_ray.config_rules`` says which values are in range.
+A comment on a field says what it means or why the default is what it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    root: str = ""  # "" = NATRA_DATA_DIR, then the Debian location, then download
+    download: bool = True  # fetch the official files when nothing is found locally
+    image_size: int = 32  # Fashion-MNIST 28 px is zero-padded to 32 (generator needs 2^k)
+    channels: int = 1
+    train_subset: int = 0  # 0 = use the whole split; >0 = a fixed, class-balanced-ish subset
+    test_subset: int = 0
+    val_fraction: float = 0.1  # held out of train: Tune selects on it, never on test
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    generator: str = "style"
+    discriminator: str = "resnet"
+    z_dim: int = 128
+    w_dim: int = 128
+    mapping_layers: int = 4
+    channels: int = 128  # feature maps at 4x4; halves per resolution doubling (min 16)
+    # How the style generator doubles resolution: "bilinear" interpolation then a 3x3 conv, or
+    # "transpose" (a stride-2 4x4 transposed conv at the old resolution, ~half the generator's cost).
+    upsample: Literal["bilinear", "transpose"] = "bilinear"
+    d_channels: int = 64
+    loss: Literal["ns_r1", "wgan_gp"] = "ns_r1"
+    # R1 weight. StyleGAN2-ADA's rule of thumb is 0.0002 * resolution^2 / batch: ~0.01 at 32 px
+    # (its CIFAR setting), 10 only near 1024 px. Measured here at 32 px: gamma 1 gave blurry,
+    # sleeveless tops after 1200 steps; 0.01 gives garment detail in the same steps.
+    r1_gamma: float = 0.01
+    gp_lambda: float = 10.0
+    n_critic: int = 1  # D steps per G step (5 is usual for WGAN-GP)
+    lr: float = 0.002
+    mapping_lr_mult: float = 0.01
+    beta1: float = 0.0
+    beta2: float = 0.99
+    batch_size: int = 64
+    steps: int = 2000
+    ema_half_life_images: int = 10000  # EMA horizon measured in images (StyleGAN2-ADA style)
+    r1_every: int = 16  # lazy R1 regularisation interval (StyleGAN2: every 16 D steps)
+    style_mixing: float = 0.5
+    sample_every: int = 500
+    checkpoint: str = ""  # an external generator checkpoint: skip pretraining, load this
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    encoder: str = "resnet"
+    channels: int = 32
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 0.0003
+    latent_weight: float = 1.0  # weight of Eq. 8 (latent reconstruction on generated images)
+    gamma1: float = 1.0  # Eq. 9 pixel MSE weight
+    gamma2: float = 0.8  # Eq. 9 perceptual (LPIPS) weight
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "alex"
+    lpips_weights: str = ""  # path to the backbone weights; "" = torch hub cache
+    # What to do when pretrained LPIPS backbone weights are absent (offline machines):
+    # "random_backbone" logs a loud warning and uses a randomly initialised backbone,
+    # "error" refuses to run.
+    lpips_fallback: Literal["random_backbone", "error"] = "random_backbone"
+    shift_steps: int = 300
+    shift_lr: float = 0.0002
+    lce_codes: int = 1  # N in Sec. 3.3; 1 = plain inversion (NaTra-OL)
+    lce_layer: int = 2  # composition layer l
+    lce_steps: int = 100
+    lce_lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class DirectionsConfig:
+    estimator: Literal["umap", "pca"] = "umap"
+    space: Literal["w", "activation"] = "w"
+    num_samples: int = 5000  # K
+    num_directions: int = 8
+    activation_layer: int = 1  # for space="activation"
+    umap_neighbors: int = 15
+    layer_start: int = 0  # default edit range D(u_i, a-b) on W+ (inclusive)
+    layer_end: int = -1  # -1 = last style input
+    grid_strengths: tuple[float, ...] = (-3.0, -1.5, 0.0, 1.5, 3.0)
+    grid_images: int = 6
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    classifier: str = "small_cnn"
+    classifier_width: int = 32
+    classifier_depth: int = 16  # WideResNet depth
+    method: str = "natra"  # augmentation method registry name
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 0.5  # initial / fixed latent l_inf budget (in units of the direction basis)
+    rho: float = 0.1  # APT step
+    eps_cap: float = 2.0  # APT truncation
+    apt: bool = True  # False = NaTra-OA
+    label_smoothing_c: float = 0.1
+    pgd_steps: int = 3
+    pgd_step_size: float = 0.0  # 0 = 2.5 * eps / steps (Madry's rule)
+    num_directions: int = 8
+    layer_start: int = 0
+    layer_end: int = -1
+    pixel_eps: float = 0.1  # pixel PGD/FGSM baselines and pixel-PGD evaluation
+    mixup_alpha: float = 1.0  # lambda ~ Beta(a, a) for mixup, manifold_mixup, gan_mixup, vae_mixup
+    # classic: per-image random affine + photometric jitter, each drawn uniformly in +-range
+    classic_rotation_deg: float = 15.0
+    classic_scale: float = 0.1  # zoom factor in [1 - s, 1 + s]
+    classic_shear_deg: float = 10.0
+    classic_translate: float = 0.1  # shift per axis, fraction of the image side
+    classic_brightness: float = 0.1  # added to every pixel
+    classic_contrast: float = 0.2  # factor in [1 - c, 1 + c] on deviations from the image mean
+    advmix_split: int = -1  # first "fine" (style) input of W+; -1 = num_ws // 2
+    advmix_candidates: int = 4  # other images whose fine styles the adversary may mix in
+    # cvae: one member of the learned set S(x) = {Q(x, mu_p + sigma_p u) : ||u||_2 <= cvae_eps}
+    cvae_eps: float = 1.0
+    cvae_attack: Literal["random", "pgd"] = "pgd"  # u ~ N(0, I) projected into the ball, or the worst case
+    cvae_steps: int = 5  # PGD steps on u
+    cvae_step_size: float = 0.0  # 0 = 2.5 * cvae_eps / cvae_steps
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """The small conv VAE behind ``vae_mixup`` (paper 002 Sec. 2.2), trained once per data config."""
+
+    z_dim: int = 16
+    channels: int = 32  # first conv's width; doubles per downsampling
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 0.001
+
+
+@dataclass(frozen=True)
+class CvaeConfig:
+    """The learned perturbation set of paper 001 (after Wong & Kolter): a CVAE on pairs (x, x')."""
+
+    arch: Literal["fc", "conv"] = "fc"  # fc = paper 001's one-hidden-layer MLPs
+    latent_dim: int = 1  # k; 1 = paper 001's one-number code of a rotation
+    hidden: int = 512  # fc: hidden units; conv: first conv's channels
+    family: Literal["rotation", "thickness", "brightness", "lighting", "folders"] = "rotation"
+    max_param: float = 0.0  # theta ~ U[-max, max]; 0 = the family's default (rotation: 20 deg)
+    pairs_x: str = ""  # family=folders: the originals ...
+    pairs_x_prime: str = ""  # ... and their perturbed versions, same file names
+    recon: Literal["bce", "mse"] = "bce"  # Bernoulli (paper 001's MNIST setting) or Gaussian
+    beta: float = 1.0  # KL weight
+    reg_weight: float = 0.0  # linear-cost regulariser weight; 0 = paper 001's baseline
+    epochs: int = 10
+    batch_size: int = 128  # bundles per step
+    lr: float = 0.001
+    sweep_images: int = 6
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    corruptions: tuple[str, ...] = (
+        "rotate", "shear", "scale", "translate", "gaussian_blur",
+        "gaussian_noise", "brightness", "contrast", "fog", "elastic",
+    )
+    severities: tuple[int, ...] = (1, 3, 5)
+    natural_eps: float = 0.5
+    natural_steps: int = 5
+    fixed_strengths: tuple[float, ...] = (-2.0, 2.0)
+    pixel_pgd_steps: int = 10
+    deepfool_steps: int = 50
+    max_examples: int = 1000  # evaluation subset size for the costly attacks
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    name: str = "natra"
+    search_space: str = "default"  # a file in search_spaces/ (name or path)
+    num_samples: int = 4
+    metric: str = "val_natural_acc"
+    mode: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    multi_objective: bool = False
+    max_concurrent_trials: int = 0  # 0 = derived from cluster resources
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA stops weak trials at its rungs
+    asha_grace_period: int = 1
+    train_workers: int = 1
+    cpus_per_worker: int = 1
+    # The upstream stages (GAN, BIES) run before any trial, as their own TorchTrainer jobs:
+    # workers x CPUs each; 0 CPUs = a whole node's (at most 8), one torch thread per CPU.
+    upstream_workers: int = 1
+    upstream_cpus_per_worker: int = 0
+    # Where a local Ray's dashboard listens: loopback; anything else is a deliberate exposure
+    # (logged as a warning). Clusters set it in ray_cluster.yaml instead.
+    dashboard_host: str = "127.0.0.1"
+    # Logical CPUs reserved for each trial's driver (it mostly waits on its TorchTrainer) and
+    # for the Ray Data actor that decodes latent codes. Tune -> Train -> Data reserve CPUs at
+    # every level; counting 1 for each would need 3 CPUs per trial and deadlock a 2-core box.
+    driver_cpus: float = 0.5
+    data_cpus: float = 0.5
+    data_stream: bool = True  # feed classifier workers through Ray Data (False: in-memory)
+    max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    storage_path: str = ""  # "" = ~/natra_ray_results (absolute, survives `ray job submit`)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite at ~/natra_ray_results/mlflow.db
+    experiment: str = ""  # "" = tune.name
+    register_model: str = "natra_classifier"
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """``jobs/benchmark.py``: every method x seed on the same data, classifier and budget.
+    The budget fields shrink only the classifier runs; the upstream (GAN, encoder, directions)
+    is the profile's own, so the benchmark reuses the cache of the main job."""
+
+    name: str = "benchmark"  # results under <storage>/benchmarks/<name>/
+    methods: tuple[str, ...] = ()  # () = every registered augmentation method
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 0  # classifier epochs per run; 0 = robust.epochs
+    train_examples: int = 0  # first N images of the train split; 0 = all
+    val_examples: int = 0  # first N of the val split (val metrics each epoch); 0 = all
+    eval_examples: int = 0  # test images for the costly attacks; 0 = eval.max_examples
+    cpus_per_task: float = 1.0  # one method x seed task (and as many torch threads)
+    gpus_per_task: float = 0.0
