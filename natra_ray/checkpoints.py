@@ -21,20 +21,13 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import torch
 from torch import nn
 
+from natra_ray.config import plain
+
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: wrong architecture, wrong shape, unknown version, unsafe."""
-
-
-def _plain(obj: Any) -> Any:
-    """Tuples -> lists etc., so the header round-trips through weights_only loading."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def save_checkpoint(
@@ -54,10 +47,10 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "name": name,
-        "kwargs": _plain(dict(kwargs)),
+        "kwargs": plain(dict(kwargs)),
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "config": _plain(dict(config or {})),
-        "extra": _plain(dict(extra or {})),
+        "config": plain(dict(config or {})),
+        "extra": plain(dict(extra or {})),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

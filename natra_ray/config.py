@@ -14,8 +14,6 @@ search space checks its own values with the same ``coerce``, ``field_type`` and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -85,10 +83,11 @@ class Config:
         return from_dict(_apply_overrides(self.to_dict(), overrides))
 
     def key(self, *sections: str) -> str:
-        """Stable content hash of the named sections (stage cache keys)."""
+        """Stable content hash of the named sections (``cache.content_key``)."""
+        from natra_ray.cache import content_key
+
         d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return content_key({s: d[s] for s in sections})
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(Config)
@@ -97,9 +96,10 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in data
 
 # --------------------------------------------------------------------------- types
 def plain(obj: Any) -> Any:
-    """Tuples -> lists, recursively through dicts and lists: the YAML/JSON form of a value."""
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
+    """Tuples -> lists and mappings -> dicts with string keys, recursively: the YAML/JSON form of a
+    value (and what a checkpoint's header holds, so it loads under ``weights_only``)."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj

@@ -170,15 +170,6 @@ def test_finds_flat_storage_root_and_trial_layouts(pipeline_dir, tmp_path):
     assert with_overrides(flat, classifier=str(tmp_path / "c.pt")).classifier == (tmp_path / "c.pt").resolve()
 
 
-def test_lce_codes_rule_matches_training():
-    from natra_ray.augment import METHODS
-    from natra_ray.augment.latent import lce_codes_for
-    from natra_ray.explorer.model import trial_lce_codes
-
-    for m in METHODS.names():
-        assert trial_lce_codes(m, 3) == lce_codes_for(m, 3), m
-
-
 def test_explorer_refuses_files_of_different_pipelines(pipeline_dir, tmp_path):
     G = create_generator("style_tiny", resolution=16)  # 6 style inputs instead of 8
     save_checkpoint(tmp_path / "g16.pt", G, kind="generator", name="style_tiny", kwargs={"resolution": 16})

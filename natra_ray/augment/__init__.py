@@ -141,9 +141,3 @@ from natra_ray.augment import (  # noqa: F401
     pixel,
 )
 
-# transitional: removed once the workflow layer reads method_needs (computed after the registrations above)
-VAE_METHODS = frozenset(n for n in list_methods() if method_needs(n).vae)
-
-
-def needs_latent(name: str) -> bool:  # transitional: removed once the workflow layer reads method_needs
-    return method_needs(name).latent

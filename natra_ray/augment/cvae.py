@@ -28,7 +28,6 @@ from natra_ray.augment import (
     Augmented,
     Batch,
     Needs,
-    method_needs,
     one_hot,
 )
 from natra_ray.models.cvae import CVAE
@@ -121,8 +120,4 @@ def cvae(ctx: AugmentContext, batch: Batch) -> Augmented:
     target = one_hot(torch.cat([batch.y, batch.y]), ctx.num_classes).to(dev)
     return Augmented(torch.cat([x, x_pert]), target,
                      {"cvae_u_norm": float(u.norm(dim=1).mean()), "cvae_fooled": float(fooled)})
-
-
-def needs_cvae(name: str) -> bool:  # transitional: removed once the workflow layer reads method_needs
-    return method_needs(name).cvae
 

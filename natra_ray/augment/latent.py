@@ -20,7 +20,6 @@ from natra_ray.augment import (
     Augmented,
     Batch,
     Needs,
-    method_needs,
     one_hot,
     require_latent,
 )
@@ -179,7 +178,3 @@ def random_latent(ctx: AugmentContext, batch: Batch) -> Augmented:
     x = torch.cat([batch.x.to(x_rand.device), x_rand])
     t = one_hot(torch.cat([batch.y, batch.y]), ctx.num_classes).to(x.device)
     return Augmented(x, t)
-
-
-def lce_codes_for(method: str, lce_codes: int) -> int:  # transitional: removed once the workflow layer reads method_needs
-    return method_needs(method).lce_codes(lce_codes)

@@ -107,11 +107,6 @@ def decode_upload(data: bytes, image_size: int, channels: int, pad_28_to_32: boo
     return to_float_images(arr, image_size, channels, pad_28_to_32=pad_28_to_32)
 
 
-def trial_lce_codes(method: str, lce_codes: int) -> int:
-    """NaTra-OL inverts with one code; every other method with ``encoder.lce_codes``."""
-    return 1 if method == "natra_ol" else lce_codes
-
-
 class Explorer:
     """A loaded pipeline. Thread-safe: model calls are serialised by one lock (the page sends
     at most one edit at a time per tab; a second tab simply waits its turn)."""
@@ -159,10 +154,10 @@ class Explorer:
             return int(self.classifier(x).shape[1])
 
     def _trial_codes(self) -> int:
-        """The codes per image the trial's training used: ``augment.method_needs(method).lce_codes``'s
-        rule, restated so the explorer does not import the augmentation registry (a test keeps the
-        two in step)."""
-        return trial_lce_codes(self.cfg.robust.method, self.cfg.encoder.lce_codes)
+        """The codes per image the trial's training used: what its method's registry entry asks for."""
+        from natra_ray.augment import method_needs  # the registry: imported when a pipeline is opened
+
+        return method_needs(self.cfg.robust.method).lce_codes(self.cfg.encoder.lce_codes)
 
     def _perceptual(self) -> Optional[nn.Module]:
         from natra_ray.losses import Perceptual, PerceptualWeightsMissing

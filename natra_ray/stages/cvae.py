@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from natra_ray.checkpoints import load_module, save_checkpoint
 from natra_ray.config import Config
 from natra_ray.data.pairs import PairData, make_bundles, read_pair_folders, split_pairs
 from natra_ray.models.cvae import CVAE, CVAES, CvaeOutput, create_cvae
+from natra_ray.report import markdown_table
 from natra_ray.runtime import Reporter, null_reporter
 from natra_ray.viz import save_rows
 
@@ -316,20 +317,18 @@ def run(cfg: Config, data: Dict[str, PairData], out_dir: str | Path, report: Rep
 
 def loss_table(rows: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     """Markdown in the shape of paper 001's table: one row per (model, split)."""
-    lines = ["| model, dataset | reconstruction loss | KL divergence (+ linear cost) | total loss | KL | linear cost (unweighted) |",
-             "|---|---|---|---|---|---|"]
-    for name, losses in rows.items():
-        for split, t in losses.items():
-            lines.append(f"| {name}, {split} | {t['recon']:.4f} | {t['kl_reg']:.4f} | {t['total']:.4f} "
-                         f"| {t['kl']:.4f} | {t['reg']:.4f} |")
-    return "\n".join(lines) + "\n"
+    header = ["model, dataset", "reconstruction loss", "KL divergence (+ linear cost)", "total loss", "KL",
+              "linear cost (unweighted)"]
+    return markdown_table(header, [[f"{name}, {split}", t["recon"], t["kl_reg"], t["total"], t["kl"], t["reg"]]
+                                   for name, losses in rows.items() for split, t in losses.items()], _cell)
 
 
 def closure_table(rows: Dict[str, Dict[str, float]]) -> str:
     """Markdown: one row per model, the held-out closure metrics as columns."""
     keys = [k for k in ("identity_mse", "closure_mse", "closure2_mse", "composition_mse", "composition_gt_mse",
                         "linear_mse", "linear_gap", "code_ratio", "theta_corr") if any(k in r for r in rows.values())]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["model", *keys], [[name, *(r.get(k) for k in keys)] for name, r in rows.items()], _cell)
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
