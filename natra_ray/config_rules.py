@@ -107,6 +107,8 @@ RULES: dict[str, Rule] = {
     "eval.natural_eps": at_least(0),
     "eval.severities": Rule(lambda vs: all(1 <= v <= 5 for v in vs), "lie in 1..5"),
     **_each("tune", "num_samples train_workers cpus_per_worker upstream_workers", at_least(1)),
+    "tune.references": Rule(lambda ms: all(m in _methods() for m in ms), "a list of registered augmentation methods",
+                            names=_methods),
     "benchmark.seeds": Rule(lambda s: len(s) >= 1, "list at least one seed"),
     **_each("benchmark", "epochs train_examples val_examples eval_examples",
             at_least(0, "0 = the profile's own value")),

@@ -206,6 +206,9 @@ class TuneConfig:
     data_cpus: float = 0.5
     data_stream: bool = True  # feed classifier workers through Ray Data (False: in-memory)
     max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
+    # Reference classifiers every sweep trains at the trials' own budget (distributed/references.py):
+    # the summary shows beside the trials what the natural-transformation training bought.
+    references: tuple[str, ...] = ("none", "classic")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     storage_path: str = ""  # "" = ~/natra_ray_results (absolute, survives `ray job submit`)
 

@@ -88,7 +88,7 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, s
            "--runtime-env-json", '{"excludes": [".venv", ".git", "*.egg-info", "__pycache__"]}',
            "--", sys.executable, "jobs/tune_natra.py", "--profile", "smoke", "tune.search_space=smoke",
            "tune.name=ci-smoke", f"tune.storage_path={smoke_storage}", f"tracking.uri={uri}",
-           "tune.num_samples=2"]
+           "tune.num_samples=2", "tune.references=[none]"]
     for _ in range(30):  # the head's job agent starts after the dashboard answers: wait for it
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         if "No available agent to submit job" not in proc.stdout + proc.stderr:
@@ -106,6 +106,10 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, s
         parents = runs[runs["tags.natra.role"] == "sweep"]
         assert len(parents) == 1
         children = runs[runs["tags.mlflow.parentRunId"] == parents.iloc[0]["run_id"]]
+        refs = children[children["tags.natra.role"] == "reference"]
+        assert list(refs["tags.natra.method"]) == ["none"] and (refs["status"] == "FINISHED").all()
+        assert refs["metrics.test_clean_acc"].between(0, 1).all()
+        children = children[children["tags.natra.role"] == "trial"]
         done = children[children["status"] == "FINISHED"]
         assert len(done) >= 2, children[["run_id", "status"]]
         for col in ("robust.eps", "robust.rho", "robust.label_smoothing_c", "robust.layer_start",
@@ -114,6 +118,8 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, s
         for m in ("test_clean_acc", "test_natural_acc", "val_natural_acc"):
             assert done[f"metrics.{m}"].between(0, 1).all(), m
         model = mlflow.pytorch.load_model(f"runs:/{done.iloc[0]['run_id']}/classifier")
+    summary = (smoke_storage / "sweeps" / "ci-smoke" / "summary.md").read_text()
+    assert "| reference-none | REFERENCE |" in summary, summary
     x = torch.rand(2, 1, 28, 28)  # Fashion-MNIST's own size: the logged model pads to 32 itself
     assert model(x).shape == (2, 10)
 

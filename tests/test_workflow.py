@@ -164,3 +164,17 @@ def test_layout_names_every_place():
     assert lay.benchmark_result("b", "none-s0") == Path("/r/benchmarks/b/results/none-s0.json")
     assert lay.tune_experiment("natra") == Path("/r/tune/natra") and lay.sweep("natra") == Path("/r/sweeps/natra")
     assert json.dumps(str(StorageLayout.from_config("relative/x").root)).startswith('"/')
+
+
+def test_a_finished_reference_is_reused_only_for_the_same_config(tmp_path):
+    from natra_ray.distributed.references import _finished, reference_config, reference_key
+
+    cfg = load_config("smoke", overrides={"tune.name": "s", "tune.references": ["none"]})
+    lay = StorageLayout(tmp_path)
+    path = lay.sweep_reference("s", "none")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"test_clean_acc": 0.5, "reference_key": reference_key(reference_config(cfg, "none"))}))
+    assert _finished(cfg, "none", lay)["test_clean_acc"] == 0.5
+    assert _finished(cfg.replace(**{"tune.num_samples": 9}), "none", lay) is not None  # how the sweep runs: same
+    assert _finished(cfg.replace(**{"robust.epochs": 3}), "none", lay) is None  # what it trains: retrained
+    assert _finished(cfg, "classic", lay) is None

@@ -4,12 +4,13 @@ Flow of a sweep (``run_sweep``):
 1. everything that can be wrong is checked before any compute: the search space, the
    tracking store, the cluster's resources;
 2. the upstream stages (GAN, BIES + shift, directions) are computed once, cached by their
-   config, outside the trials: a sweep over eps/rho/c never retrains the encoder;
+   config, outside the trials: a sweep over eps/rho/c never retrains the encoder; then the
+   reference classifiers (``tune.references``: none, classic) at the trials' budget;
 3. a ``Tuner`` runs ``trial_fn`` per sampled config (Optuna TPE or NSGA-II, ASHA): each
-   trial builds a ``TorchTrainer`` for the classifier (``distributed/train.py``), fed by the
-   Ray Data latent stream, and ends with the evaluation suite and an MLflow child run;
-4. the best trial's classifier is registered; a summary table (and the Pareto front in
-   multi-objective mode) is written and logged to the parent run.
+   trial is ``workflow.trial.run_trial`` with a ``TorchTrainer`` fit (``distributed/train.py``)
+   fed by the Ray Data stream, and its MLflow child run as the recorder;
+4. the best trial's classifier is registered; a summary table (the references beside the
+   trials; the Pareto front in multi-objective mode) is written and logged to the parent run.
 """
 from __future__ import annotations
 
@@ -138,10 +139,14 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     from natra_ray.distributed.console import tune_verbosity
     from natra_ray.distributed.tracking import open_ui_command, register_best
     from natra_ray.distributed.upstream import prepare_upstream
+    from natra_ray.distributed.references import run_references
 
     # 3. upstream once
     upstream = prepare_upstream(cfg, layout)
     tracker.log_metrics({f"upstream_{k}": v for k, v in upstream.metrics.items()})
+
+    # the reference classifiers (none, classic) at the trials' budget, before the trials take the CPUs
+    references = run_references(cfg, layout, upstream, tracker.trial_spec())
 
     # 4. the Tuner over the trial driver
     metrics, modes = space.metrics, space.modes
@@ -205,6 +210,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     best = max(done, key=lambda r: r.get(key, -1e9) if mode == "max" else -r.get(key, 1e9)) if done else None
     sweep_dir = layout.sweep(cfg.tune.name)
     table_path = sweep_dir / "summary.md"
+    rows += references  # beside the trials in the table; never a candidate for the best
     table_path.write_text(summary_table(rows, space, metrics))
     tracker.log_artifact(str(table_path))
     (sweep_dir / "trials.json").write_text(json.dumps(rows, indent=1, default=str))

@@ -5,7 +5,8 @@
   cache/<stage>-<key>/        stage outputs, content-addressed (natra_ray.cache)
   train_runs/<run>/           Ray Train runs (checkpoints) of the upstream stages and trials
   tune/<sweep>/               Tune's experiment state (what --resume restores)
-  sweeps/<sweep>/             a sweep's summary, trial table, Pareto front, MLflow parent record
+  sweeps/<sweep>/             a sweep's summary, trial table, Pareto front, MLflow parent record,
+                              references/<method>.json (its reference classifiers' results)
   trials/<trial id>/          one sweep trial's classifier and evaluation artifacts
   benchmarks/<name>/          a benchmark's results/, runs/<method>-s<seed>/, report
   runs/<name>/                single-process runs (jobs/run_pipeline.py, the CVAE job)
@@ -66,6 +67,10 @@ class StorageLayout:
 
     def sweep(self, name: str) -> Path:
         return self.root / "sweeps" / name
+
+    def sweep_reference(self, name: str, method: str) -> Path:
+        """The result file of sweep ``name``'s reference classifier trained with ``method``."""
+        return self.sweep(name) / "references" / f"{method}.json"
 
     def tune_experiment(self, name: str) -> Path:
         return self.tune / name
