@@ -287,7 +287,7 @@ def test_artifacts(sweep, tmp_path):
     st = SweepTracker(sweep["uri"], sweep["eid"])
     st.start_parent("with-artifacts")
     st.log_artifact(f)
-    st.log_artifacts(tmp_path / "figs", "figures")
+    st.log_artifact(tmp_path / "figs" / "grid.txt", "figures")
     names = {a.path for a in tr._client(sweep["uri"]).list_artifacts(st.run_id)}
     assert names == {"report.txt", "figures"}
     with pytest.raises(FileNotFoundError):

@@ -174,15 +174,6 @@ class _RunLogger:
         _retry(lambda: self.client.log_artifact(run_id, str(p), artifact_path),
                f"upload artifact {p} to run {run_id}")
 
-    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Upload a folder's contents (recursively)."""
-        run_id = self._need_run()
-        d = Path(directory)
-        if not d.is_dir():
-            raise FileNotFoundError(f"artifact folder {d} does not exist or is not a folder")
-        _retry(lambda: self.client.log_artifacts(run_id, str(d), artifact_path),
-               f"upload artifact folder {d} to run {run_id}")
-
     def _terminate(self, status: str, reason: str | None) -> None:
         status = status.upper()
         if status not in _END_STATUSES:
