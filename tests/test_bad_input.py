@@ -219,6 +219,11 @@ SPACE_CASES = {
                                        r"robust\.rho high=2\.0 reaches the truncation cap robust\.eps_cap=2\.0"),
     "LCE count 0": ({"encoder__lce_codes": {"type": "categorical", "choices": [0, 1]}},
                     r"encoder\.lce_codes .*0.*must be >= 1"),
+    # computed once per sweep from the base config: every trial would silently use the base value
+    "an upstream key": ({"gan__steps": {"type": "int", "low": 10, "high": 60}},
+                        r"gan\.steps is an upstream key \(it keys the GAN; GAN, BIES and directions are computed "
+                        r"once per sweep from the base config, .*\); set it in the config \(gan\.steps=\.\.\.\) "
+                        r"and run one sweep per value, or remove it from the space$"),
 }
 
 

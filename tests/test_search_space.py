@@ -141,10 +141,10 @@ BAD = {
                            r"robust.pgd_steps choice 'three' is not valid.*expects int"),
     "float range for int": (with_params(robust__pgd_steps={"type": "float", "low": 1, "high": 3}),
                             r"robust.pgd_steps: config key 'robust.pgd_steps' is an int; use type: int"),
-    "range for literal": (with_params(encoder__lpips_net={"type": "int", "low": 0, "high": 2}),
-                          r"encoder.lpips_net: type int cannot drive.*use type: categorical"),
-    "bad literal choice": (with_params(encoder__lpips_net={"type": "categorical", "choices": ["alex", "resnet"]}),
-                           r"encoder.lpips_net choice 'resnet' is not valid"),
+    "range for literal": (with_params(cvae__recon={"type": "int", "low": 0, "high": 2}),
+                          r"cvae.recon: type int cannot drive.*use type: categorical"),
+    "bad literal choice": (with_params(cvae__recon={"type": "categorical", "choices": ["bce", "l1"]}),
+                           r"cvae.recon choice 'l1' is not valid"),
     "fixed wrong type": (with_params(robust__pgd_steps={"fixed": "two"}), r"robust.pgd_steps value='two' is not valid"),
     "log with low 0": (with_params(robust__eps={"type": "float", "low": 0.0, "high": 1.0, "log": True}),
                        r"robust.eps: log=true needs low > 0"),
@@ -191,8 +191,8 @@ BAD = {
                             r"robust.rho: 'when' robust.method: 'natra_oa' is not one of its choices \['natra', 'none'\]"),
     "bad ref": (with_params(robust__num_directions={"type": "int", "low": 2, "high": "$directions.num_direction"}),
                 r"high='\$directions.num_direction' refers to unknown config key.*did you mean: directions.num_directions"),
-    "config range rule": (with_params(data__val_fraction={"type": "float", "low": 0.0, "high": 1.0}),
-                          r"^search space 'bad': data.val_fraction high=1.0 must be in \[0, 1\)$"),
+    "config range rule": (with_params(robust__classic_contrast={"type": "float", "low": 0.0, "high": 1.0}),
+                          r"^search space 'bad': robust.classic_contrast high=1.0 must be in \[0, 1\)$"),
     "config cross-key rule": (with_params(cvae__family={"type": "categorical", "choices": ["rotation", "folders"]}),
                               r"cvae.family choice 'folders' gives an invalid config: cvae.family=folders needs cvae.pairs_x"),
     "objective mode": ({**good_space(), "objectives": [{"metric": "val_acc", "mode": "maximize"}]},
@@ -241,6 +241,140 @@ def test_base_dependent_checks(cpu):
     # base layer_start above a searched end's low
     with pytest.raises(SearchSpaceError, match=r"robust.layer_end low=0 is below robust.layer_start=3 \(base config\)"):
         search_space_from_dict(with_params(robust__layer_start=None), cpu.replace(**{"robust.layer_start": 3}))
+
+
+# --------------------------------------------------------------------------- what a trial applies
+# One key per family a sweep does not apply per trial, with a valid range or choice for it: the
+# refusal comes before any check of the values.
+NOT_PER_TRIAL = {
+    "data.image_size": ({"type": "categorical", "choices": [16, 32]}, "upstream key (it keys the GAN;"),
+    "data.train_subset": ({"type": "int", "low": 100, "high": 400}, "upstream key (it keys the GAN;"),
+    "data.val_fraction": ({"type": "float", "low": 0.05, "high": 0.2}, "upstream key (it keys the GAN;"),
+    "gan.steps": ({"type": "int", "low": 100, "high": 1000}, "upstream key (it keys the GAN;"),
+    "gan.r1_gamma": ({"type": "float", "low": 0.001, "high": 1.0, "log": True}, "upstream key (it keys the GAN;"),
+    "encoder.steps": ({"type": "int", "low": 10, "high": 100}, "upstream key (it keys BIES"),
+    "encoder.lpips_net": ({"type": "categorical", "choices": ["alex", "vgg"]}, "upstream key (it keys BIES"),
+    "encoder.shift_steps": ({"fixed": 5}, "upstream key (it keys BIES"),
+    "directions.num_directions": ({"type": "int", "low": 4, "high": 8}, "upstream key (it keys the directions;"),
+    "directions.estimator": ({"type": "categorical", "choices": ["umap", "pca"]},
+                             "upstream key (it keys the directions;"),
+    "directions.layer_end": ({"type": "int", "low": 2, "high": 7}, "upstream key (it keys the directions;"),
+    "tune.num_samples": ({"type": "int", "low": 2, "high": 4}, "setting of the sweep itself"),
+    "tune.train_workers": ({"type": "int", "low": 1, "high": 2}, "setting of the sweep itself"),
+    "tracking.experiment": ({"type": "categorical", "choices": ["a", "b"]}, "setting of the sweep itself"),
+    "benchmark.epochs": ({"type": "int", "low": 1, "high": 2}, "setting of the sweep itself"),
+}
+
+
+@pytest.mark.parametrize("key", list(NOT_PER_TRIAL))
+def test_keys_a_trial_does_not_apply_are_refused(key, cpu):
+    spec, why = NOT_PER_TRIAL[key]
+    with pytest.raises(SearchSpaceError) as ei:
+        search_space_from_dict({"params": {"robust.eps": {"type": "float", "low": 0.1, "high": 1.0}, key: spec}},
+                               cpu, name="x")
+    msg = str(ei.value)
+    assert msg.startswith(f"search space 'x': {key} is a") and why in msg and "\n" not in msg, msg
+    assert f"the base value {cpu.flat()[key]!r}" in msg or f"where it is {cpu.flat()[key]!r}" in msg
+    assert f"set it in the config ({key}=...)" in msg and "remove it from the space" in msg
+    if "upstream" in why:
+        assert "computed once per sweep from the base config" in msg and "one sweep per value" in msg
+
+
+def test_the_upstream_message_reads_as_documented(cpu):
+    with pytest.raises(SearchSpaceError) as ei:
+        search_space_from_dict({"params": {"gan.steps": {"type": "int", "low": 100, "high": 1000}}}, cpu, name="x")
+    assert str(ei.value) == (
+        "search space 'x': gan.steps is an upstream key (it keys the GAN; GAN, BIES and directions are computed "
+        f"once per sweep from the base config, so every trial would silently use the base value {cpu.gan.steps}); "
+        "set it in the config (gan.steps=...) and run one sweep per value, or remove it from the space")
+
+
+def test_keys_a_trial_applies_are_accepted(cpu):
+    raw = {"params": {
+        "robust.method": {"type": "categorical", "choices": ["natra", "vae_mixup", "cvae"]},
+        "robust.eps": {"type": "float", "low": 0.1, "high": 1.0},
+        "robust.classifier_width": {"type": "categorical", "choices": [8, 16]},
+        "encoder.lce_codes": {"type": "int", "low": 1, "high": 3},
+        "encoder.lce_steps": {"type": "int", "low": 2, "high": 5},
+        "vae.z_dim": {"type": "int", "low": 8, "high": 32},
+        "vae.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "cvae.beta": {"type": "float", "low": 0.5, "high": 2.0},
+        "eval.natural_steps": {"type": "int", "low": 2, "high": 5},
+        "seed": {"type": "categorical", "choices": [0, 1]},
+        "data.test_subset": {"fixed": 200},  # the trial loads its own test split (in no upstream key)
+        # a bound may still read an upstream key: it is the base value, the same in every trial
+        "robust.num_directions": {"type": "int", "low": 2, "high": "$directions.num_directions"},
+    }}
+    space = search_space_from_dict(raw, cpu, name="ok")
+    assert set(space.params) == set(raw["params"])
+    assert space.params["robust.num_directions"].high == cpu.directions.num_directions
+
+
+def test_every_key_is_either_applied_or_refused(cpu):
+    """Exhaustive: each config key, fixed at its base value, is refused as one a trial does not
+    apply exactly when ``applied_per_trial`` says so (a fixed robust.layer_end=-1 fails later, on
+    the layer range: still a key a trial applies)."""
+    from natra_ray.workflow.upstream import applied_per_trial
+
+    accepted = set()
+    for key, value in cpu.flat().items():
+        try:
+            search_space_from_dict({"params": {key: {"fixed": value}}}, cpu, name="x")
+        except SearchSpaceError as e:
+            if str(e).startswith((f"search space 'x': {key} is an upstream key",
+                                  f"search space 'x': {key} is a setting of the sweep itself")):
+                continue
+        accepted.add(key)
+    assert accepted == {k for k in cpu.flat() if applied_per_trial(k)}
+    sections = {k.split(".")[0] for k in accepted}
+    assert sections == {"robust", "eval", "vae", "cvae", "encoder", "data", "seed", "device"}
+    assert {k for k in accepted if k.startswith(("encoder.", "data."))} == (
+        {k for k in cpu.flat() if k.startswith("encoder.lce_")} | {"data.test_subset", "data.download"})
+
+
+def _perturbed(cfg, key: str):
+    """``cfg`` with ``key`` changed to some other value of its type, unvalidated (only keys are read)."""
+    import dataclasses
+
+    def other(v):
+        if isinstance(v, bool):
+            return not v
+        if isinstance(v, (int, float)):
+            return v + 1
+        if isinstance(v, str):
+            return v + "_other"
+        return (*v, v[0]) if v else ("x",)
+
+    section, _, name = key.partition(".")
+    if not name:
+        return dataclasses.replace(cfg, **{section: other(getattr(cfg, section))})
+    sec = getattr(cfg, section)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(sec, **{name: other(getattr(sec, name))})})
+
+
+def test_the_classification_is_what_the_cache_keys_cover(cpu):
+    """``upstream_stage`` names the first upstream key a change of the config key changes (and
+    None when none changes); what a trial applies changes no upstream key - its codes' key for
+    ``encoder.lce_*``, its extra model's for ``vae.*`` / ``cvae.*``."""
+    from pathlib import Path
+
+    from natra_ray.workflow.upstream import (Upstream, applied_per_trial, codes_key, extra_model_key,
+                                             upstream_keys, upstream_stage)
+
+    base = upstream_keys(cpu)
+    up = Upstream(Path("/x/bies-k/generator_shifted.pt"), Path("/x/bies-k/encoder.pt"), Path("/x/d/directions.pt"), {}, {})
+    for key in cpu.flat():
+        cfg = _perturbed(cpu, key)
+        keys = upstream_keys(cfg)
+        changed = [stage for stage in ("gan", "bies", "directions") if keys[stage] != base[stage]]
+        assert upstream_stage(key) == (changed[0] if changed else None), key
+        if applied_per_trial(key):
+            assert not changed, key
+        if key.startswith("encoder.lce_") and key != "encoder.lce_codes":  # lce_codes is the n_codes argument
+            assert codes_key(cfg, up, "val", 5, 2) != codes_key(cpu, up, "val", 5, 2), key
+        for kind in ("vae", "cvae"):
+            if key.startswith(f"{kind}."):
+                assert extra_model_key(cfg, kind) != extra_model_key(cpu, kind), key
 
 
 # --------------------------------------------------------------------------- sampling

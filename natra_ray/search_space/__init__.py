@@ -2,8 +2,12 @@
 config they will be applied to before any trial starts.
 
 A space maps config keys (``"section.key"``, exactly as in ``Config.flat()``) to parameter
-specs; the file format is documented at the top of ``search_spaces/default.yaml``. Loading a
-space proves that *every* value it can produce gives a valid ``Config``: types against the
+specs; the file format is documented at the top of ``search_spaces/default.yaml``. Only keys a
+trial applies may be sampled (``natra_ray.workflow.upstream.applied_per_trial``: ``robust``,
+``eval``, ``vae``, ``cvae``, ``encoder.lce_*``, ...); an upstream key (the rest of ``data``,
+``gan``, ``encoder``; ``directions``), computed once per sweep from the base config, or a setting
+of the sweep itself is refused, though a bound may still read one (``high: $directions.x``).
+Loading a space proves that *every* value it can produce gives a valid ``Config``: types against the
 config field (``natra_ray.config.coerce``), and the rules of ``natra_ray.config_rules`` -
 the same rules ``natra_ray.config.validate`` applies (registered methods, eps/rho against the
 truncation cap, direction counts, ...) - plus the generator's layer range. A bad space fails

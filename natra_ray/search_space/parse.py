@@ -1,9 +1,11 @@
 """Reading a search space: YAML file or dict -> a validated ``SearchSpace``.
 
-Parsing checks the form of each spec (types, bounds, steps, conditions, objectives) and that
-every value is valid for its config field (``natra_ray.config.coerce``); ``checks`` then asks
-the config's rules about the values the space can produce. Every failure is one
-``SearchSpaceError`` line naming the parameter.
+Parsing checks that each parameter is a key a trial applies (the upstream - GAN, BIES,
+directions - is computed once per sweep from the base config, so sampling one of its keys would
+change nothing: ``workflow.upstream.applied_per_trial`` says which), the form of each spec
+(types, bounds, steps, conditions, objectives) and that every value is valid for its config
+field (``natra_ray.config.coerce``); ``checks`` then asks the config's rules about the values the
+space can produce. Every failure is one ``SearchSpaceError`` line naming the parameter.
 """
 from __future__ import annotations
 
@@ -115,6 +117,28 @@ def search_space_from_dict(raw: Any, base: Config, name: str = "<dict>", source:
 
 
 # --------------------------------------------------------------------------- one parameter
+_STAGE_NAMES = {"gan": "the GAN", "bies": "BIES (the encoder and shifted generator)", "directions": "the directions"}
+
+
+def _not_per_trial(key: str, flat: Mapping[str, Any]) -> str | None:
+    """Why a trial would not apply ``key`` (None when it does). What a trial applies, and which
+    upstream stage covers the rest, is ``workflow.upstream``'s (``applied_per_trial``,
+    ``upstream_stage``), beside the cache keys that make it so."""
+    from natra_ray.workflow.upstream import applied_per_trial, upstream_stage  # lazy: imports torch
+
+    if applied_per_trial(key):
+        return None
+    stage = upstream_stage(key)
+    if stage is not None:
+        return (f"{key} is an upstream key (it keys {_STAGE_NAMES[stage]}; GAN, BIES and directions are computed "
+                f"once per sweep from the base config, so every trial would silently use the base value "
+                f"{flat[key]!r}); set it in the config ({key}=...) and run one sweep per value, or remove it "
+                f"from the space")
+    return (f"{key} is a setting of the sweep itself, not of a trial (the sweep's search, resources and tracking "
+            f"are set up once from the base config, where it is {flat[key]!r}); set it in the config ({key}=...), "
+            f"or remove it from the space")
+
+
 def _parse_param(key: Any, spec: Any, flat: Mapping[str, Any], space_keys: set, fail) -> ParamSpec:
     if not isinstance(key, str):
         fail(f"parameter names must be config keys like 'robust.eps'; got {key!r}")
@@ -128,6 +152,8 @@ def _parse_param(key: Any, spec: Any, flat: Mapping[str, Any], space_keys: set, 
         fail(f"unknown config key {key!r}{hint}")
     if "/" in key:  # pragma: no cover - config keys never contain "/" (Ray's flatten delimiter)
         fail(f"{key}: parameter names must not contain '/'")
+    if (why := _not_per_trial(key, flat)):
+        fail(why)
     if not isinstance(spec, Mapping):
         fail(f"{key}: spec must be a mapping like {{type: float, low: 0.1, high: 1.0}}, "
              f"{{type: categorical, choices: [...]}} or {{fixed: value}}; got {spec!r}")

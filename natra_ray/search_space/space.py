@@ -17,7 +17,8 @@ PARAM_TYPES = ("float", "int", "categorical", "fixed")
 # Generator layer ranges (inclusive) on W+: both ends must lie in [0, num_ws - 1] and start <= end.
 # The config does not check these (num_ws depends on the generator); the search space does, at
 # load (every value a space can produce) and for each trial (``SearchSpace.sample_config``).
-LAYER_PAIRS = (("robust.layer_start", "robust.layer_end"), ("directions.layer_start", "directions.layer_end"))
+# (directions.layer_* is an upstream key, never sampled: the base config's checks cover it.)
+LAYER_PAIRS = (("robust.layer_start", "robust.layer_end"),)
 
 
 class SearchSpaceError(ConfigError):

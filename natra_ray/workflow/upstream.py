@@ -6,7 +6,10 @@ Upstream stages run with ``UPSTREAM_SEED`` rather than ``cfg.seed``: the seed a 
 sweep varies is the classifier's, and every seed must see the same generator and encoder.
 
 Each stage's key covers exactly the config its output depends on (``upstream_keys``,
-``codes_key``, ``extra_model_key``), so a sweep over eps/rho/c never retrains the encoder.
+``codes_key``, ``extra_model_key``), so a sweep over eps/rho/c never retrains the encoder. The
+same rules say which config keys a sweep's trial applies itself (``applied_per_trial``) and
+which it takes from the upstream the sweep shares (``upstream_stage``): what a search space may
+sample.
 """
 from __future__ import annotations
 
@@ -51,8 +54,13 @@ def _training_data(cfg: Config) -> Dict[str, Any]:
     return {k: v for k, v in cfg.to_dict()["data"].items() if k not in NOT_TRAINING_DATA}
 
 
+def _is_lce(encoder_field: str) -> bool:
+    """The encoder's LCE settings key the codes (``codes_key``), not BIES."""
+    return encoder_field.startswith("lce_")
+
+
 def _lce_free(enc: Mapping[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in enc.items() if not k.startswith("lce_")}
+    return {k: v for k, v in enc.items() if not _is_lce(k)}
 
 
 def upstream_keys(cfg: Config) -> Dict[str, str]:
@@ -62,6 +70,42 @@ def upstream_keys(cfg: Config) -> Dict[str, str]:
     bies_k = cache.content_key({"up": gan_k, "encoder": _lce_free(d["encoder"])})
     dir_k = cache.content_key({"up": bies_k, "directions": d["directions"]})
     return {"gan": gan_k, "bies": bies_k, "directions": dir_k}
+
+
+# --------------------------------------------------------------------------- shared or per trial
+# A sweep prepares the upstream once, from its base config, before any trial starts; every trial
+# decodes with that one. So the config ``upstream_keys`` covers is fixed for the whole sweep
+# (a trial that sampled it would log its value and silently use the base one), and a search space
+# may only sample what a trial applies itself:
+#   robust.*            the classifier, its method and training (workflow.trial.run_trial)
+#   eval.*              the evaluation suite (run_trial)
+#   vae.*, cvae.*       the extra models its method trains on (extra_model_key, cached)
+#   encoder.lce_*       its latent codes (codes_key, cached per LCE setting)
+#   data.test_subset, data.download    the splits it loads (NOT_TRAINING_DATA: in no upstream key)
+#   seed, device        the classifier's seed (the upstream's is UPSTREAM_SEED) and device
+# Everything else is either an upstream key (the rest of data, gan, encoder; directions) or a
+# setting of the sweep itself (tune, tracking, benchmark, profile), read once from the base config.
+UPSTREAM_SECTIONS = {"data": "gan", "gan": "gan", "encoder": "bies", "directions": "directions"}
+TRIAL_SECTIONS = ("robust", "eval", "vae", "cvae")
+TRIAL_TOP_KEYS = ("seed", "device")
+
+
+def upstream_stage(key: str) -> Optional[str]:
+    """The shared stage (``"gan"``, ``"bies"`` or ``"directions"``) whose cache key covers the
+    config key ``key`` (``"section.field"``), or None when no upstream key does."""
+    section, _, name = key.partition(".")
+    stage = UPSTREAM_SECTIONS.get(section)
+    if stage is None or (section == "data" and name in NOT_TRAINING_DATA) or (section == "encoder" and _is_lce(name)):
+        return None
+    return stage
+
+
+def applied_per_trial(key: str) -> bool:
+    """Does a sweep's trial apply config key ``key`` from its own (sampled) config?"""
+    section, dot, _ = key.partition(".")
+    if not dot:
+        return key in TRIAL_TOP_KEYS
+    return section in TRIAL_SECTIONS or (section in UPSTREAM_SECTIONS and upstream_stage(key) is None)
 
 
 @dataclass(frozen=True)
@@ -145,7 +189,7 @@ def codes_key(cfg: Config, up: Upstream, split: str, n_images: int, n_codes: int
     """Once per (encoder, LCE settings, split) and shared by every trial and epoch."""
     enc = dataclasses.replace(cfg.encoder, lce_codes=n_codes)
     return cache.content_key({"bies": up.encoder_path.parent.name,
-                              "lce": {k: v for k, v in dataclasses.asdict(enc).items() if k.startswith("lce_")},
+                              "lce": {k: v for k, v in dataclasses.asdict(enc).items() if _is_lce(k)},
                               "split": split, "data": keyed_dict(cfg)["data"], "n": n_images})
 
 
@@ -199,5 +243,6 @@ def load_extra_models(paths: Mapping[str, Path], device: torch.device) -> Dict[s
     return {k: _EXTRA_STAGES[k][1](p).to(device) for k, p in paths.items()}
 
 
-__all__ = ["UPSTREAM_SEED", "SPLITS", "Upstream", "upstream_keys", "prepare_upstream", "load_splits", "codes_key",
-           "codes_path", "extra_model_key", "extra_model_paths", "load_extra_models", "keyed_dict", "RETIRED_KEYS"]
+__all__ = ["UPSTREAM_SEED", "SPLITS", "Upstream", "upstream_keys", "upstream_stage", "applied_per_trial",
+           "prepare_upstream", "load_splits", "codes_key", "codes_path", "extra_model_key", "extra_model_paths",
+           "load_extra_models", "keyed_dict", "RETIRED_KEYS"]
