@@ -106,6 +106,9 @@ RULES: dict[str, Rule] = {
     "cvae.lr": above(0),
     "eval.natural_eps": at_least(0),
     "eval.severities": Rule(lambda vs: all(1 <= v <= 5 for v in vs), "lie in 1..5"),
+    "eval.natural_layer_start": at_least(0),
+    "eval.natural_layer_end": at_least(-1, "-1 = last style input"),
+    "eval.natural_directions": at_least(0, "0 = directions.num_directions"),
     **_each("tune", "num_samples train_workers cpus_per_worker upstream_workers", at_least(1)),
     "tune.references": Rule(lambda ms: all(m in _methods() for m in ms), "a list of registered augmentation methods",
                             names=_methods),
@@ -151,6 +154,8 @@ ORDERS: tuple[Order, ...] = (
           why="the APT step rho must stay below eps_cap"),
     Order("robust.num_directions", "directions.num_directions", strict=False,
           why="cannot attack along directions that were not estimated"),
+    Order("eval.natural_directions", "directions.num_directions", strict=False,
+          why="the evaluation attack cannot use directions that were not estimated"),
 )
 
 
@@ -167,8 +172,25 @@ def _folders_have_no_bundles(f: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _eval_layers_in_range(f: Mapping[str, Any]) -> str | None:
+    """The evaluation attack's layer range, checked before any compute (the training range is
+    checked against the generator when a trial builds it, and by the search space)."""
+    from natra_ray.models.generator import num_style_inputs  # lazy: imports torch
+
+    size = f["data.image_size"]
+    if value_problem("data.image_size", size):
+        return None  # said by the image size's own rule
+    last = num_style_inputs(size) - 1
+    start, end = f["eval.natural_layer_start"], f["eval.natural_layer_end"]
+    end = last if end < 0 else end
+    if not 0 <= start <= end <= last:
+        return (f"eval.natural_layer_start..eval.natural_layer_end = {start}..{end} is not a layer range of the "
+                f"generator: data.image_size={size} gives layers 0..{last} (-1 = {last})")
+    return None
+
+
 CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (
-    _folders_need_pairs, _folders_have_no_bundles,
+    _folders_need_pairs, _folders_have_no_bundles, _eval_layers_in_range,
 )
 
 

@@ -170,8 +170,15 @@ class EvalConfig:
         "gaussian_noise", "brightness", "contrast", "fog", "elastic",
     )
     severities: tuple[int, ...] = (1, 3, 5)
+    # The evaluation's latent attack (val_natural_acc every epoch, test_natural_acc at the end):
+    # fixed here, apart from robust.* (the training attack a trial samples), so that a trial which
+    # narrows its own layer range or direction count is still scored against the same attack.
+    # Default: the strongest one the upstream offers - every style input, every estimated direction.
     natural_eps: float = 0.5
     natural_steps: int = 5
+    natural_layer_start: int = 0
+    natural_layer_end: int = -1  # -1 = last style input
+    natural_directions: int = 0  # 0 = directions.num_directions
     fixed_strengths: tuple[float, ...] = (-2.0, 2.0)
     pixel_pgd_steps: int = 10
     deepfool_steps: int = 50

@@ -109,7 +109,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     from natra_ray.distributed.console import setup_worker
     from natra_ray.stages import robust
     from natra_ray.stages.lce import LatentCodes
-    from natra_ray.workflow.trial import latent_source
+    from natra_ray.workflow.trial import eval_source, latent_source
     from natra_ray.workflow.upstream import load_extra_models, load_splits
 
     setup_worker()
@@ -123,7 +123,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     splits = load_splits(cfg)
     codes = {k: LatentCodes.load(job.codes[k]) for k in ("train", "val")}
     latent = latent_source(cfg, job.upstream(), codes["train"], device) if method_needs(cfg.robust.method).latent else None
-    val_latent = latent_source(cfg, job.upstream(), codes["val"])
+    val_latent = eval_source(cfg, job.upstream(), codes["val"])  # the fixed evaluation attack, not robust.*
     extra = load_extra_models(job.extra, device)  # e.g. the VAE of vae_mixup
     train = splits["train"]
     steps = len(train) // cfg.robust.batch_size

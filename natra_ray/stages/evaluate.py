@@ -49,7 +49,9 @@ def corruption_accuracies(cfg: Config, model: nn.Module, x: torch.Tensor, y: tor
 
 def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.Tensor, y: torch.Tensor,
                     out_dir: Optional[Path]) -> Dict[str, float]:
-    """Worst case within eval.natural_eps, fixed-strength edits per direction, escaped examples."""
+    """Worst case within eval.natural_eps, fixed-strength edits per direction, escaped examples.
+    ``src`` is the evaluation source (``workflow.trial.eval_source``: the fixed ``eval.natural_*``
+    layer range and directions), so every trial is scored against the same attack."""
     e = cfg.eval
     gen = torch.Generator().manual_seed(cfg.seed)
     clean_pred = _predict(model, x)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -63,12 +63,33 @@ def trial_inputs(cfg: Config, layout: StorageLayout, upstream: Upstream, splits:
 
 
 def latent_source(cfg: Config, up: Upstream, codes: LatentCodes, device: Optional[torch.device] = None) -> LatentSource:
-    """The split's codes with the generator and directions: what latent attacks and decodes read.
-    Every example starts with the budget ``robust.eps`` (APT grows or shrinks it per example)."""
+    """The split's codes with the generator and directions, as the *training* attack of this trial
+    sees them: ``robust.layer_start..layer_end`` and ``robust.num_directions`` (what a search
+    space samples). Every example starts with the budget ``robust.eps`` (APT grows or shrinks it
+    per example). Evaluations read ``eval_source`` instead."""
+    r = cfg.robust
+    return _source(cfg, up, codes, device, (r.layer_start, r.layer_end), r.num_directions)
+
+
+def eval_source(cfg: Config, up: Upstream, codes: LatentCodes, device: Optional[torch.device] = None) -> LatentSource:
+    """The split's codes as every *evaluation* attacks them (val_natural_acc each epoch, the test
+    split's natural metrics): ``eval.natural_layer_start..natural_layer_end`` and
+    ``eval.natural_directions`` (0 = ``directions.num_directions``), whatever ``robust.*`` the
+    trial sampled - so a trial cannot make its own test easier by narrowing its training attack."""
+    e = cfg.eval
+    return _source(cfg, up, codes, device, (e.natural_layer_start, e.natural_layer_end),
+                   e.natural_directions or cfg.directions.num_directions)
+
+
+def _source(cfg: Config, up: Upstream, codes: LatentCodes, device: Optional[torch.device],
+            layers: Tuple[int, int], num_directions: int) -> LatentSource:
     G = gan.load_generator(up.generator_path).to(device or resolve_device(cfg.device))
-    start, end = resolve_layer_range(G, cfg.robust.layer_start, cfg.robust.layer_end)
-    return LatentSource(G, codes.ws, codes.alpha, codes.layer, Directions.load(up.directions_path),
-                        cfg.robust.num_directions, (start, end), torch.full((len(codes),), float(cfg.robust.eps)))
+    start, end = resolve_layer_range(G, *layers)
+    directions = Directions.load(up.directions_path)
+    if num_directions > len(directions):
+        raise ValueError(f"the attack asks for {num_directions} directions; {up.directions_path} holds {len(directions)}")
+    return LatentSource(G, codes.ws, codes.alpha, codes.layer, directions, num_directions, (start, end),
+                        torch.full((len(codes),), float(cfg.robust.eps)))
 
 
 # --------------------------------------------------------------------------- fitting
@@ -90,7 +111,7 @@ def in_process_fit(cfg: Config, inputs: TrialInputs, report: Reporter = null_rep
     codes = {k: LatentCodes.load(p) for k, p in inputs.codes.items() if k in ("train", "val")}
     latent = latent_source(cfg, inputs.upstream, codes["train"], dev) if method_needs(cfg.robust.method).latent else None
     state = robust.train(cfg, inputs.splits["train"], inputs.splits["val"], latent=latent,
-                         val_latent=latent_source(cfg, inputs.upstream, codes["val"], dev), report=report,
+                         val_latent=eval_source(cfg, inputs.upstream, codes["val"], dev), report=report,
                          device=dev, extra=load_extra_models(inputs.extra, dev))
     return Fitted(state.bare.state_dict(), state.history)
 
@@ -124,7 +145,7 @@ def run_trial(cfg: Config, inputs: TrialInputs, out_dir: Path, fit: Fit, recorde
     model.to(resolve_device(cfg.device)).eval()
     test = inputs.splits["test"]
     test_codes = LatentCodes.load(inputs.codes["test"]).subset(slice(0, cfg.eval.max_examples))
-    scores = evaluate.run(cfg, model, test, latent_source(cfg, inputs.upstream, test_codes), out_dir)
+    scores = evaluate.run(cfg, model, test, eval_source(cfg, inputs.upstream, test_codes), out_dir)
     clf = robust.save_classifier(out_dir / "classifier.pt", model, cfg, inputs.num_classes,
                                  extra={"history": fitted.history, "method": cfg.robust.method})
     last = fitted.history[-1]
@@ -149,5 +170,5 @@ def extra_model_numbers(inputs: TrialInputs) -> Dict[str, float]:
     return out
 
 
-__all__ = ["TrialInputs", "trial_inputs", "latent_source", "Fitted", "Fit", "in_process_fit", "TrialResult",
+__all__ = ["TrialInputs", "trial_inputs", "latent_source", "eval_source", "Fitted", "Fit", "in_process_fit", "TrialResult",
            "run_trial"]
