@@ -77,6 +77,12 @@ def _methods() -> Sequence[str]:
     return list_methods()
 
 
+def _shifts() -> Sequence[str]:
+    from natra_ray.data.shifts import list_shifts  # lazy, as _methods: the shift suite imports torch
+
+    return list_shifts()
+
+
 RULES: dict[str, Rule] = {
     "data.image_size": Rule(lambda s: s >= 8 and s & (s - 1) == 0, "be a power of two >= 8"),
     "data.channels": Rule(lambda c: c in (1, 3), "be 1 or 3"),
@@ -109,6 +115,11 @@ RULES: dict[str, Rule] = {
     "eval.natural_layer_start": at_least(0),
     "eval.natural_layer_end": at_least(-1, "-1 = last style input"),
     "eval.natural_directions": at_least(0, "0 = directions.num_directions"),
+    "eval.shifts": Rule(lambda ns: len(ns) >= 1 and all(n in _shifts() for n in ns),
+                        "a non-empty list of registered validation shifts", names=_shifts),
+    "eval.shift_severities": Rule(lambda vs: len(vs) >= 1 and all(1 <= v <= 5 for v in vs),
+                                  "list at least one severity, each in 1..5"),
+    "eval.shift_examples": at_least(0, "0 = the whole validation split"),
     **_each("tune", "num_samples train_workers cpus_per_worker upstream_workers", at_least(1)),
     "tune.references": Rule(lambda ms: all(m in _methods() for m in ms), "a list of registered augmentation methods",
                             names=_methods),

@@ -179,6 +179,13 @@ class EvalConfig:
     natural_layer_start: int = 0
     natural_layer_end: int = -1  # -1 = last style input
     natural_directions: int = 0  # 0 = directions.num_directions
+    # The validation shift suite (natra_ray/data/shifts.py: none of them is a generator edit or a
+    # test corruption), scored every epoch on the first shift_examples validation images with a
+    # fixed seed (the same shifted images for every trial and seed); in val_objective.
+    shifts: tuple[str, ...] = ("perspective", "lens", "gamma", "vignette", "illumination", "dilate", "erode")
+    shift_severities: tuple[int, ...] = (2, 4)  # one mild, one strong: 14 forward passes of the subset
+    shift_seed: int = 0
+    shift_examples: int = 512  # 0 = the whole validation split
     fixed_strengths: tuple[float, ...] = (-2.0, 2.0)
     pixel_pgd_steps: int = 10
     deepfool_steps: int = 50
@@ -190,7 +197,8 @@ class TuneConfig:
     name: str = "natra"
     search_space: str = "default"  # a file in search_spaces/ (name or path)
     num_samples: int = 4
-    metric: str = "val_natural_acc"
+    # (val_acc + val_shift_mean_acc) / 2 on validation (stages/robust.py: val_objective; README "The objective")
+    metric: str = "val_objective"
     mode: Literal["max", "min"] = "max"
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     multi_objective: bool = False

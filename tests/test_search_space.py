@@ -99,7 +99,7 @@ def test_multi_objective_space(cpu):
         load_search_space("multi_objective", cpu)
     space = load_search_space("multi_objective", cpu.replace(**{"tune.multi_objective": True}))
     assert space.multi_objective
-    assert space.metrics == ["val_acc", "val_natural_acc"] and space.modes == ["max", "max"]
+    assert space.metrics == ["val_acc", "val_shift_mean_acc"] and space.modes == ["max", "max"]
     with pytest.raises(SearchSpaceError, match="at least two metrics"):
         load_search_space("default", cpu.replace(**{"tune.multi_objective": True}))
 

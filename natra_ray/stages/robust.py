@@ -20,6 +20,7 @@ from natra_ray.augment.latent import LatentSource, latent_attack
 from natra_ray.checkpoints import save_checkpoint
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset
+from natra_ray.data.shifts import shift_suite
 from natra_ray.models import create_classifier
 from natra_ray.runtime import Reporter, null_reporter
 
@@ -142,9 +143,35 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
     return out
 
 
+def shift_accuracies(cfg: Config, model: nn.Module, val: ImageDataset) -> Dict[str, float]:
+    """``val_shift_<name>_acc`` (mean over ``eval.shift_severities``) and ``val_shift_mean_acc``
+    (mean over the shifts) on the first ``eval.shift_examples`` validation images, shifted with
+    the suite's fixed seed (``natra_ray.data.shifts``): the same images for every trial."""
+    e = cfg.eval
+    n = len(val) if e.shift_examples == 0 else min(len(val), e.shift_examples)
+    x, y = val.images[:n], val.labels[:n]
+    per: Dict[str, List[float]] = {}
+    for name, _, xs in shift_suite(x, e.shifts, e.shift_severities, e.shift_seed):
+        per.setdefault(name, []).append(accuracy(model, xs, y))
+    out = {f"val_shift_{name}_acc": sum(a) / len(a) for name, a in per.items()}
+    out["val_shift_mean_acc"] = sum(out.values()) / len(out)
+    return out
+
+
+def objective(m: Dict[str, float]) -> float:
+    """``val_objective``, the default ``tune.metric``: clean and shifted validation accuracy,
+    equally weighted, ``(val_acc + val_shift_mean_acc) / 2`` (README, "The objective")."""
+    return (m["val_acc"] + m["val_shift_mean_acc"]) / 2.0
+
+
 def val_metrics(cfg: Config, model: nn.Module, val: ImageDataset, val_latent: Optional[LatentSource]) -> Dict[str, float]:
-    """Validation metrics (Tune optimises these; the test split is never used for selection)."""
-    m = {"val_acc": accuracy(model, val.images, val.labels)}
+    """Validation metrics (Tune optimises these; the test split is never used for selection):
+    ``val_acc``, the shift suite (``shift_accuracies``), ``val_objective`` (``objective``) and,
+    given ``val_latent``, ``val_natural_acc``. Pass the *evaluation* source
+    (``workflow.trial.eval_source``: the fixed ``eval.natural_*`` attack), never the trial's
+    training one, or a trial that narrows ``robust.*`` is scored against an easier attack."""
+    m = {"val_acc": accuracy(model, val.images, val.labels), **shift_accuracies(cfg, model, val)}
+    m["val_objective"] = objective(m)
     if val_latent is not None:
         m["val_natural_acc"] = natural_accuracy(model, val_latent, val.labels, cfg.eval.natural_eps,
                                                 cfg.eval.natural_steps, seed=cfg.seed)
