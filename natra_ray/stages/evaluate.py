@@ -104,8 +104,9 @@ def run(cfg: Config, model: nn.Module, test: ImageDataset, test_latent: Optional
     m.update(corruption_accuracies(cfg, model, x, y))
     dev = next(model.parameters()).device
     m["deepfool_score"] = deepfool_score(model, x.to(dev), max_iter=cfg.eval.deepfool_steps)
+    # seeded random starts, as the corruptions' and the latent attack's: a model scores the same every time
     m["pixel_pgd_acc"] = accuracy_under(pgd_linf, model, x.to(dev), y.to(dev), eps=cfg.robust.pixel_eps,
-                                        steps=cfg.eval.pixel_pgd_steps)
+                                        steps=cfg.eval.pixel_pgd_steps, generator=torch.Generator().manual_seed(cfg.seed))
     if test_latent is not None:
         m.update(natural_metrics(cfg, model, test_latent, x, y, out_dir))
     m["eval_seconds"] = time.time() - t0
