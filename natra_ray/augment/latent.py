@@ -7,7 +7,7 @@ and decodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,9 @@ class LatentSource:
     num_directions: int
     layer_range: tuple[int, int]  # (start, end) inclusive: D(u_i, start-end)
     eps: Tensor  # (N,) per-example budget, the APT state (kept across epochs)
+    # robust.natra_mode=pool: the decoded members of each example (augment.pool.LatentPool),
+    # made on first use and refreshed as examples are visited; None until then.
+    pool: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +114,10 @@ def latent_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Ten
 # --------------------------------------------------------------------------- methods
 def _natra(ctx: AugmentContext, batch: Batch, apt: bool, method: str) -> Augmented:
     cfg, src = ctx.cfg, require_latent(ctx, method)
+    if cfg.natra_mode == "pool":  # worst of a pool of decoded edits (augment/pool.py)
+        from natra_ray.augment.pool import natra_pool
+
+        return natra_pool(ctx, batch, apt)
     eps_i = src.eps[batch.idx.cpu()]  # (B,)
     # APT attacks at eps_i + rho (Sec. 3.4.3): the same transformation trains theta and
     # tells whether eps_i may grow, so tuning costs no extra forward passes.

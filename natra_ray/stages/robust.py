@@ -5,6 +5,7 @@ Train worker (and its FailureConfig) can checkpoint and restart it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from torch import nn
 
 from natra_ray.augment import AugmentContext, Batch, create_method, soft_cross_entropy
 from natra_ray.augment.latent import LatentSource, latent_attack
+from natra_ray.augment.pool import TwoPass
 from natra_ray.checkpoints import save_checkpoint
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset
@@ -99,6 +101,31 @@ def make_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torc
     return TrainState(model, opt, sched)
 
 
+def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device) -> torch.Tensor:
+    """Backward the loss of a ``TwoPass`` batch (augment/pool.py) in two passes: its first half,
+    whose input gradient picks the second half, then that half. The gradients add up to those of
+    one pass over both halves (the mean over all rows); under DDP the first backward does not
+    all-reduce (``no_sync``), the second reduces both."""
+    x1 = aug.x.to(dev).detach().requires_grad_(True)
+    t1 = aug.target.to(dev)
+    rows = 2 * x1.shape[0]  # the second half has one row per row of the first
+    sync_later = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+    with sync_later:
+        l1 = soft_cross_entropy(model(x1, **aug.forward_kwargs), t1).sum()
+        (l1 / rows).backward()
+    half = aug.second(x1.grad)
+    x2 = half.x.to(dev)
+    if x2.shape[0] != x1.shape[0]:
+        raise ValueError(f"a TwoPass method's second half has {x2.shape[0]} rows, its first {x1.shape[0]}")
+    logits = model(x2, **half.forward_kwargs)
+    l2 = soft_cross_entropy(logits, half.target.to(dev)).sum()
+    (l2 / rows).backward()
+    aug.info.update(half.info)
+    if aug.seen is not None:
+        aug.info.update(aug.seen(logits.detach()))
+    return (l1.detach() + l2.detach()) / rows
+
+
 def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Optional[LatentSource],
                 generator: torch.Generator, batches: Optional[Callable[[], Any]] = None,
                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
@@ -123,13 +150,16 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
     t0, n, total, infos = time.time(), 0, 0.0, {}
     for b in batches():
         aug = method(ctx, b)
-        loss = soft_cross_entropy(model(aug.x.to(dev), **aug.forward_kwargs), aug.target.to(dev)).mean()
+        state.opt.zero_grad(set_to_none=True)
+        if isinstance(aug, TwoPass):
+            loss = _two_pass(model, aug, dev)
+        else:
+            loss = soft_cross_entropy(model(aug.x.to(dev), **aug.forward_kwargs), aug.target.to(dev)).mean()
+            loss.backward()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(
                 f"classifier loss became {float(loss.detach())} in epoch {state.epoch + 1} "
                 f"(robust.lr={r.lr}); lower robust.lr - the last finished epoch's checkpoint is kept")
-        state.opt.zero_grad(set_to_none=True)
-        loss.backward()
         state.opt.step()
         state.sched.step()
         n += b.x.shape[0]

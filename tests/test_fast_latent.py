@@ -1,0 +1,246 @@
+"""robust.natra_mode=pool (augment/pool.py): NaTra's worst-of-P over a pool of decoded edits.
+
+Real tiny data (scikit-learn's digits at 32 px), a real tiny generator, random codes and
+directions: every test runs in about a second, without Ray. No timing here (bench/bench_epoch.py
+measures the speed goal)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from natra_ray.augment import AugmentContext, Batch, create_method, soft_cross_entropy
+from natra_ray.augment.latent import LatentSource
+from natra_ray.augment.pool import LatentPool, TwoPass, from_uint8, member_losses
+from natra_ray.config import ConfigError, load_config
+from natra_ray.data import ImageDataset
+from natra_ray.models import create_generator
+from natra_ray.models.latent import Directions, resolve_layer_range
+from natra_ray.stages import robust
+
+B = 32
+
+
+def _cfg(**over):
+    base = {"robust.method": "natra", "robust.epochs": 2, "robust.batch_size": B, "robust.num_directions": 4,
+            "robust.pgd_steps": 2}
+    return load_config("smoke", overrides={**base, **over})
+
+
+def _pool_cfg(select="gradient", **over):
+    return _cfg(**{"robust.natra_mode": "pool", "robust.pool_select": select, "robust.pool_size": 4,
+                   "robust.pool_refresh": 2, **over})
+
+
+def _tiny(cfg, n=96):
+    """Digits at 32 px and a LatentSource over a real (untrained) style_tiny generator."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=32)
+    ds = ImageDataset(x[:n], torch.tensor(d.target)[:n], [str(i) for i in range(10)])
+    torch.manual_seed(0)
+    G = create_generator("style_tiny", resolution=32, img_channels=1).eval().requires_grad_(False)
+    k = cfg.robust.num_directions
+    q, _ = torch.linalg.qr(torch.randn(G.w_dim, k))
+    with torch.no_grad():
+        ws = G.broadcast(G.mapping(G.sample_z(n)))[:, None]
+    start, end = resolve_layer_range(G, 0, -1)
+    src = LatentSource(G, ws, torch.ones(n, 1, G.layer_shape(0)[0]), 0,
+                       Directions(q.t().contiguous(), torch.ones(k), "test"), k, (start, end),
+                       torch.full((n,), float(cfg.robust.eps)))
+    return ds, src
+
+
+def _ctx(cfg, model, src, seed=3):
+    return AugmentContext(model, cfg.robust, 10, torch.Generator().manual_seed(seed), src)
+
+
+def _batch(ds, idx):
+    return Batch(ds.images[idx], ds.labels[idx], idx)
+
+
+def _visit(cfg, model, src, ds, idx, seed=3):
+    """One visit of examples ``idx``: the method's batch, the second half chosen as the trainer
+    would (from the clean half's input gradient) when the method returns a TwoPass."""
+    aug = create_method(cfg.robust.method)(_ctx(cfg, model, src, seed), _batch(ds, idx))
+    if isinstance(aug, TwoPass):
+        x = aug.x.clone().requires_grad_(True)
+        soft_cross_entropy(model(x), aug.target).sum().backward()
+        return aug, aug.second(x.grad), x.grad
+    return aug, None, None
+
+
+def test_exact_is_the_default_and_the_pool_keys_are_checked():
+    r = load_config("smoke").robust
+    assert (r.natra_mode, r.pool_select) == ("exact", "gradient")
+    for bad in ({"robust.pool_size": 0}, {"robust.pool_refresh": 0}, {"robust.natra_mode": "fast"},
+                {"robust.pool_select": "best"}):
+        with pytest.raises(ConfigError):
+            _cfg(**bad)
+
+
+def test_pool_members_are_real_decodes_within_budget():
+    cfg = _pool_cfg(**{"robust.pool_refresh": 1})  # every slot decoded at each visit
+    ds, src = _tiny(cfg)
+    model = robust.build_classifier(cfg, 10)
+    idx = torch.arange(B)
+    radius = (src.eps[idx] + cfg.robust.rho).clamp(max=cfg.robust.eps_cap)
+    _visit(cfg, model, src, ds, idx)
+    pool: LatentPool = src.pool
+    assert pool.images.dtype == torch.uint8 and pool.images.shape == (len(ds), 4, 1, 32, 32)
+    assert bool(pool.valid(idx).all()) and not bool(pool.valid(torch.arange(B, len(ds))).any())
+    assert pool.nbytes >= len(ds) * 4 * 32 * 32 and int(pool.visits[idx].min()) == 1
+    r = pool.coeffs[idx]  # (B, P, k): corners of each example's box at its attack radius
+    assert torch.allclose(r.abs(), radius[:, None, None].expand_as(r))
+    assert torch.equal(pool.radius[idx], radius[:, None].expand(B, 4))
+    assert r.abs().amax((1, 2)).le(cfg.robust.eps_cap).all()
+    with torch.no_grad():
+        for p in range(4):
+            ws, alpha = src.codes(idx)
+            want = src.decode(ws, alpha, r[:, p])
+            assert (from_uint8(pool.images[idx, p]) - want).abs().max() <= 1 / 255 + 1e-6
+    # distinct members: random corners, not one edit repeated
+    assert not torch.equal(pool.images[idx, 0], pool.images[idx, 1])
+
+
+def test_refresh_schedule_decodes_pool_size_over_refresh_members_per_visit():
+    cfg = _pool_cfg(**{"robust.pool_size": 4, "robust.pool_refresh": 4})
+    ds, src = _tiny(cfg)
+    model = robust.build_classifier(cfg, 10)
+    idx = torch.arange(B)
+    counts = []
+    for v in range(6):
+        aug, half, _ = _visit(cfg, model, src, ds, idx, seed=v)
+        counts.append(aug.seen(model(half.x).detach())["pool_decodes"])
+    assert counts == [1.0] * 6  # P / R = 1 member per example per visit, the first visit included
+    assert bool(src.pool.valid(idx).all()) and int(src.pool.visits[idx].min()) == 6
+
+
+@pytest.mark.parametrize("select", ["gradient", "loss"])
+def test_selected_member_is_the_worst_of_the_pool_for_the_current_model(select):
+    cfg = _pool_cfg(select, **{"robust.pool_refresh": 1})
+    ds, src = _tiny(cfg)
+    torch.manual_seed(5)
+    model = robust.build_classifier(cfg, 10)
+    idx = torch.arange(B)
+    _visit(cfg, model, src, ds, idx)  # fills every slot
+    eps_before = src.eps.clone()
+    aug, half, grad = _visit(cfg, model, src, ds, idx, seed=4)  # refreshes every slot again, then selects
+    members = from_uint8(src.pool.images[idx])  # (B, P, 1, 32, 32): the pool the selection saw
+    if select == "loss":
+        x_adv = aug.x[B:]
+        assert aug.x.shape[0] == 2 * B and torch.equal(aug.x[:B], ds.images[:B])
+        model.eval()
+        with torch.no_grad():  # brute force: every member classified on its own
+            losses = torch.stack([F.cross_entropy(model(members[:, p]), ds.labels[:B], reduction="none")
+                                  for p in range(4)], 1)
+        want = losses.argmax(1)
+        assert torch.allclose(member_losses(model, members, ds.labels[:B])[0], losses, atol=1e-5)
+    else:
+        assert aug.x.shape[0] == B and half.x.shape[0] == B
+        x_adv = half.x
+        # brute force: the first-order loss change <g, x_m - x> of every member, one at a time
+        gain = torch.stack([((members[:, p] - ds.images[:B]) * grad).flatten(1).sum(1) for p in range(4)], 1)
+        want = gain.argmax(1)
+        aug.info.update(aug.seen(model(x_adv).detach()))
+    assert torch.equal(x_adv, members[torch.arange(B), want])
+    # APT as in natra: eps_i + rho unless the selected member fools the model, truncated at the cap
+    assert {"eps_mean", "adv_fooled", "pool_members"} <= set(aug.info)
+    grown = src.eps[idx] - eps_before[idx]
+    assert bool(((grown == 0) | torch.isclose(grown, torch.tensor(cfg.robust.rho))).all())
+    assert abs(aug.info["adv_fooled"] - float((grown == 0).float().mean())) < 1e-6
+
+
+def test_two_pass_gradients_equal_one_pass_over_both_halves():
+    """Without BatchNorm the two passes compute exactly the one-pass mean loss's gradient."""
+    from natra_ray.stages.robust import _two_pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x1, x2 = torch.rand(5, 1, 4, 4), torch.rand(5, 1, 4, 4)
+    t1, t2 = F.one_hot(torch.randint(0, 3, (5,)), 3).float(), torch.softmax(torch.randn(5, 3), 1)
+    seen = {}
+    aug = TwoPass(x1, t1, second=lambda g: _second(seen, g, x2, t2), seen=lambda logits: {"n": float(len(logits))})
+    loss = _two_pass(model, aug, torch.device("cpu"))
+    two = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    one = soft_cross_entropy(model(torch.cat([x1, x2])), torch.cat([t1, t2])).mean()
+    one.backward()
+    assert torch.isclose(loss, one.detach())
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(two, model.parameters()))
+    xg = x1.clone().requires_grad_(True)
+    (soft_cross_entropy(model(xg), t1).sum() / 10).backward()
+    assert torch.allclose(seen["g"], xg.grad) and aug.info == {"n": 5.0}
+
+
+def _second(seen, g, x2, t2):
+    from natra_ray.augment import Augmented
+
+    seen["g"] = g.clone()
+    return Augmented(x2, t2)
+
+
+@pytest.mark.parametrize("method,select", [("natra", "gradient"), ("natra", "loss"), ("natra_oa", "gradient"),
+                                           ("natra+classic", "gradient")])
+def test_pool_mode_trains_end_to_end_through_robust_train(method, select):
+    cfg = _pool_cfg(select, **{"robust.method": method})
+    ds, src = _tiny(cfg)
+    val, val_src = _tiny(cfg, n=48)
+    seen = []
+    state = robust.train(cfg, ds, val, latent=src, val_latent=val_src, report=seen.append)
+    assert [h["epoch"] for h in state.history] == [1, 2] and len(seen) == 2
+    for h in state.history:
+        assert torch.isfinite(torch.tensor(h["train_loss"])) and 0 <= h["adv_fooled"] <= 1
+        assert 1 <= h["pool_members"] <= 4 and 0 <= h["val_natural_acc"] <= 1
+    used = src.pool.visits > 0  # drop_last: 3 batches of 32 = every example, each epoch
+    assert int(used.sum()) == len(ds) and int(src.pool.visits.max()) == 2
+    if method == "natra_oa":  # no APT: one fixed budget
+        assert bool((src.eps == cfg.robust.eps).all()) and bool((src.pool.radius[src.pool.valid(torch.arange(len(ds)))]
+                                                                 == cfg.robust.eps).all())
+    else:
+        assert bool((src.eps >= cfg.robust.eps).all()) and float(src.eps.max()) > cfg.robust.eps
+
+
+def test_pool_mode_runs_a_whole_trial_in_process(tmp_path):
+    from test_workflow import _tiny_inputs
+
+    from natra_ray.workflow.recorder import MemoryRecorder
+    from natra_ray.workflow.trial import in_process_fit, run_trial
+
+    cfg = load_config("smoke", overrides={"robust.method": "natra", "robust.natra_mode": "pool", "robust.epochs": 2,
+                                          "robust.batch_size": 32, "robust.num_directions": 4,
+                                          "robust.pool_size": 3, "robust.pool_refresh": 2,
+                                          "eval.max_examples": 32, "eval.deepfool_steps": 2})
+    result = run_trial(cfg, _tiny_inputs(tmp_path, cfg), tmp_path / "out", in_process_fit, MemoryRecorder())
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all("pool_members" in h for h in result.history)
+    for k in ("test_clean_acc", "test_natural_acc"):
+        assert 0.0 <= result.metrics[k] <= 1.0
+
+
+def test_exact_mode_is_unchanged():
+    """The numbers the exact mode gave from this seed before the pool mode existed (commit 435a1a9)."""
+    cfg = _cfg()
+    assert cfg.robust.natra_mode == "exact"
+    ds, src = _tiny(cfg)
+    torch.manual_seed(1)
+    model = robust.build_classifier(cfg, 10)
+    aug = create_method("natra")(_ctx(cfg, model, src), _batch(ds, torch.arange(B)))
+    assert src.pool is None and not isinstance(aug, TwoPass)
+    got = [float(aug.x.sum()), float(aug.x[B:].pow(2).sum()), float(aug.target[B:].pow(2).sum()), float(src.eps.sum())]
+    assert got == pytest.approx([17833.0, 4171.673828125, 29.16214370727539, 48.400001525878906], rel=1e-5)
+    assert aug.info == pytest.approx({"eps_mean": 0.5, "adv_fooled": 0.875})
+    torch.manual_seed(2)
+    state = robust.make_state(cfg, 10, len(ds) // B, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    src.eps.fill_(cfg.robust.eps)
+    got = []
+    for _ in range(2):
+        m = robust.train_epoch(cfg, state, ds, src, gen)
+        got.append([m["train_loss"], m["eps_mean"], m["adv_fooled"], float(src.eps.sum())])
+    want = [[2.354493776957194, 0.5, 0.9479166666666666, 48.5], [2.0167588790257773, 0.5052083532015482,
+                                                                   0.9479166666666666, 49.0]]
+    assert got == [pytest.approx(w, rel=1e-5) for w in want]
+    assert float(sum(p.detach().double().sum() for p in state.model.parameters())) == pytest.approx(35.31072996314114,
+                                                                                                   rel=1e-5)
