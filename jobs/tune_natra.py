@@ -56,6 +56,10 @@ def main(argv=None) -> int:
         print(f"best trial {out.best.get('trial_id')}: " + ", ".join(
             f"{k}={out.best[k]:.4f}" for k in ("val_natural_acc", "test_clean_acc", "test_natural_acc",
                                                "test_corruption_mean_acc") if isinstance(out.best.get(k), float)))
+    if out.label_preservation:
+        from natra_ray.workflow.labels import describe
+
+        print(describe(out.label_preservation))
     print(f"MLflow tracking URI: {out.tracking_uri}  (parent run {out.parent_run_id})")
     print(f"open the UI with:    {open_ui_command(out.tracking_uri)}")
     page = runs_page_url(out.tracking_uri, out.parent_run_id)

@@ -87,6 +87,8 @@ class SweepOutcome:
     table_path: Path
     parent_run_id: str
     tracking_uri: str
+    # workflow.labels.label_preservation of the base config (None when it could not be measured)
+    label_preservation: Optional[Dict[str, float]] = None
 
 
 def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = None) -> SweepOutcome:
@@ -144,6 +146,17 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     # 3. upstream once
     upstream = prepare_upstream(cfg, layout)
     tracker.log_metrics({f"upstream_{k}": v for k, v in upstream.metrics.items()})
+    # how often the reconstructions and edits the trials train on keep their class, by a plainly
+    # trained reference classifier (cached; a diagnostic, so a failure is a warning, not the sweep's end)
+    from natra_ray.workflow.labels import label_preservation
+    from natra_ray.workflow.upstream import load_splits
+
+    try:
+        kept: Optional[Dict[str, float]] = label_preservation(cfg, upstream, layout, load_splits(cfg))
+        tracker.log_metrics({f"upstream_{k}": v for k, v in kept.items()})
+    except Exception as e:  # noqa: BLE001
+        log.warning("label preservation not measured: %s: %s", type(e).__name__, e)
+        kept = None
 
     # the reference classifiers (none, classic) at the trials' budget, before the trials take the CPUs
     references = run_references(cfg, layout, upstream, tracker.trial_spec())
@@ -226,6 +239,6 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
         tracker.log_metrics({f"best_{k}": v for k, v in best.items() if isinstance(v, (int, float))})
     tracker.finish("FINISHED")
     log.info("MLflow UI: %s", open_ui_command(tracker.uri))
-    return SweepOutcome(rows, best, table_path, parent_id, tracker.uri)
+    return SweepOutcome(rows, best, table_path, parent_id, tracker.uri, kept)
 
 
