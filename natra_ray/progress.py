@@ -29,7 +29,10 @@ def set_bar_factory(factory: Optional[Callable[..., Any]]) -> None:
 
 
 def say(msg: str) -> None:
-    """One status line that does not tear a progress bar drawn on the same terminal."""
+    """One status line that does not tear a progress bar drawn on the same terminal. What was
+    printed before it comes before it: stdout is flushed first (to a pipe, as under ``ray job
+    submit`` or a log file, it is block-buffered and would otherwise land after this line)."""
+    sys.stdout.flush()
     try:
         from tqdm import tqdm
 
