@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     print(f"{len(out.rows)} trials ({n_done} finished) in {time.time() - t0:.0f} s; table: {out.table_path}")
     if out.best:
         print(f"best trial {out.best.get('trial_id')}: " + ", ".join(
-            f"{k}={out.best[k]:.4f}" for k in ("val_natural_acc", "test_clean_acc", "test_natural_acc",
+            f"{k}={out.best[k]:.4f}" for k in ("val_objective", "val_shift_mean_acc", "test_clean_acc", "test_natural_acc",
                                                "test_corruption_mean_acc") if isinstance(out.best.get(k), float)))
     if out.label_preservation:
         from natra_ray.workflow.labels import describe

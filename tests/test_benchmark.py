@@ -56,7 +56,7 @@ def test_sweep_summary_table_best_first_and_one_markdown_builder():
     rows = [{"trial_id": "a", "status": "DONE", "val_acc": 0.5, "robust.eps": 0.25},
             {"trial_id": "b", "status": "ERROR"}, {"trial_id": "c", "status": "DONE", "val_acc": 0.9}]
     lines = tables.summary_table(rows, Space(), ["val_acc"]).splitlines()
-    assert lines[0].startswith("| trial | status | val_acc | val_natural_acc |") and lines[0].endswith("| robust.eps |")
+    assert lines[0].startswith("| trial | status | val_acc | val_objective | val_shift_mean_acc |") and lines[0].endswith("| robust.eps |")
     assert lines[1] == "|" + "---|" * (3 + len(tables.SUMMARY_METRICS))  # val_acc is listed once
     assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| c", "| a", "| b"]  # best first, no metric last
     assert "| a | DONE | 0.5000 |" in lines[3] and lines[3].endswith("| 0.2500 |")

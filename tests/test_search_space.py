@@ -3,6 +3,8 @@ spaces load against the smoke and cpu profiles, and define-by-run sampling with 
 TPE study only ever produces valid configs (conditions, layer order, determinism)."""
 from __future__ import annotations
 
+import re
+
 import copy
 import pickle
 
@@ -299,7 +301,6 @@ def test_keys_a_trial_applies_are_accepted(cpu):
         "vae.z_dim": {"type": "int", "low": 8, "high": 32},
         "vae.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
         "cvae.beta": {"type": "float", "low": 0.5, "high": 2.0},
-        "eval.natural_steps": {"type": "int", "low": 2, "high": 5},
         "seed": {"type": "categorical", "choices": [0, 1]},
         "data.test_subset": {"fixed": 200},  # the trial loads its own test split (in no upstream key)
         # a bound may still read an upstream key: it is the base value, the same in every trial
@@ -322,12 +323,13 @@ def test_every_key_is_either_applied_or_refused(cpu):
             search_space_from_dict({"params": {key: {"fixed": value}}}, cpu, name="x")
         except SearchSpaceError as e:
             if str(e).startswith((f"search space 'x': {key} is an upstream key",
+                                  f"search space 'x': {key} is part of the evaluation every trial is scored by",
                                   f"search space 'x': {key} is a setting of the sweep itself")):
                 continue
         accepted.add(key)
     assert accepted == {k for k in cpu.flat() if applied_per_trial(k)}
     sections = {k.split(".")[0] for k in accepted}
-    assert sections == {"robust", "eval", "vae", "cvae", "encoder", "data", "seed", "device"}
+    assert sections == {"robust", "vae", "cvae", "encoder", "data", "seed", "device"}
     assert {k for k in accepted if k.startswith(("encoder.", "data."))} == (
         {k for k in cpu.flat() if k.startswith("encoder.lce_")} | {"data.test_subset", "data.download"})
 
@@ -429,17 +431,17 @@ def test_same_seed_same_sequence(smoke):
 def test_fixed_values_are_returned_constants(cpu):
     raw = with_params(robust__pgd_steps={"fixed": 2},
                       robust__label_smoothing_c={"fixed": 0.2, "when": {"robust.method": ["natra"]}},
-                      eval__severities={"fixed": [1, 5]})
+                      robust__classic_rotation_deg={"fixed": 5.0})
     space = search_space_from_dict(raw, cpu, name="fx")
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     for _ in range(6):
         trial = study.ask()
         consts = space.define_by_run(trial)
-        assert consts["robust.pgd_steps"] == 2 and consts["eval.severities"] == (1, 5)
+        assert consts["robust.pgd_steps"] == 2 and consts["robust.classic_rotation_deg"] == 5.0
         assert "robust.pgd_steps" not in trial.params  # constants are returned, not suggested
         assert ("robust.label_smoothing_c" in consts) == (trial.params["robust.method"] == "natra")
         cfg = space.sample_config(cpu, {**trial.params, **consts})
-        assert cfg.robust.pgd_steps == 2 and cfg.eval.severities == (1, 5)
+        assert cfg.robust.pgd_steps == 2 and cfg.robust.classic_rotation_deg == 5.0
         assert cfg.robust.label_smoothing_c == (0.2 if trial.params["robust.method"] == "natra" else 0.1)
         study.tell(trial, 0.0)
 
@@ -488,9 +490,16 @@ def test_ray_optuna_search_uses_dotted_flat_names(cpu):
 # --------------------------------------------------------------------------- one rule, asked twice
 @pytest.mark.parametrize("order", ORDERS, ids=lambda o: f"{o.small}<={o.large}")
 def test_orders_are_asked_not_restated(order, cpu):
-    """A space that lets ``small`` pass ``large`` is refused in the config's own words."""
+    """A space that lets ``small`` pass ``large`` is refused in the config's own words (an order
+    on a key no space may sample, the evaluation's, is the config's alone)."""
+    from natra_ray.workflow.upstream import applied_per_trial
+
     flat = cpu.flat()
     small, high = flat[order.small], flat[order.large] + 1
+    if not applied_per_trial(order.small):
+        with pytest.raises(ConfigError, match=re.escape(order.why)):
+            cpu.replace(**{order.small: high})
+        return
     raw = {"params": {order.small: {"type": "int" if isinstance(small, int) else "float",
                                     "low": small, "high": high}}}
     with pytest.raises(SearchSpaceError) as space_err:
@@ -519,3 +528,13 @@ def test_space_pickles_and_samples_the_same_after(cpu):
     a, cfgs_a = run_study(space, cpu, n=6, seed=3)
     b, cfgs_b = run_study(again, cpu, n=6, seed=3)
     assert a == b and cfgs_a == cfgs_b
+
+
+def test_the_evaluation_cannot_be_sampled(cpu):
+    """Every trial is scored by the same attack and shift suite: a space that samples either (a
+    trial picking an easier test for itself) is refused, naming the key."""
+    for key, spec in (("eval.natural_steps", {"type": "int", "low": 1, "high": 5}),
+                      ("eval.natural_directions", {"type": "int", "low": 1, "high": 2}),
+                      ("eval.shift_severities", {"fixed": [1]})):
+        with pytest.raises(SearchSpaceError, match=rf"{key} is part of the evaluation every trial is scored by"):
+            search_space_from_dict({"params": {key: spec}}, cpu, name="x")

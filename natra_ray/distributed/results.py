@@ -31,7 +31,7 @@ def _pyplot():
 
 # =========================================================================== the sweep
 # What the trial table shows besides the objectives (and Tune's per-trial progress box).
-SUMMARY_METRICS = ("val_acc", "val_natural_acc", "test_clean_acc", "test_natural_acc",
+SUMMARY_METRICS = ("val_objective", "val_acc", "val_shift_mean_acc", "val_natural_acc", "test_clean_acc", "test_natural_acc",
                    "test_corruption_mean_acc", "test_pixel_pgd_acc", "test_deepfool_score")
 
 

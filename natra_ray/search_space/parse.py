@@ -124,10 +124,14 @@ def _not_per_trial(key: str, flat: Mapping[str, Any]) -> str | None:
     """Why a trial would not apply ``key`` (None when it does). What a trial applies, and which
     upstream stage covers the rest, is ``workflow.upstream``'s (``applied_per_trial``,
     ``upstream_stage``), beside the cache keys that make it so."""
-    from natra_ray.workflow.upstream import applied_per_trial, upstream_stage  # lazy: imports torch
+    from natra_ray.workflow.upstream import SCORING_SECTIONS, applied_per_trial, upstream_stage  # lazy: torch
 
     if applied_per_trial(key):
         return None
+    if key.partition(".")[0] in SCORING_SECTIONS:
+        return (f"{key} is part of the evaluation every trial is scored by (the same attack and shift suite for "
+                f"all, or a trial could sample an easier test); set it in the config ({key}=...), or remove it "
+                f"from the space")
     stage = upstream_stage(key)
     if stage is not None:
         return (f"{key} is an upstream key (it keys {_STAGE_NAMES[stage]}; GAN, BIES and directions are computed "

@@ -78,15 +78,17 @@ def upstream_keys(cfg: Config) -> Dict[str, str]:
 # (a trial that sampled it would log its value and silently use the base one), and a search space
 # may only sample what a trial applies itself:
 #   robust.*            the classifier, its method and training (workflow.trial.run_trial)
-#   eval.*              the evaluation suite (run_trial)
 #   vae.*, cvae.*       the extra models its method trains on (extra_model_key, cached)
 #   encoder.lce_*       its latent codes (codes_key, cached per LCE setting)
 #   data.test_subset, data.download    the splits it loads (NOT_TRAINING_DATA: in no upstream key)
 #   seed, device        the classifier's seed (the upstream's is UPSTREAM_SEED) and device
-# Everything else is either an upstream key (the rest of data, gan, encoder; directions) or a
-# setting of the sweep itself (tune, tracking, benchmark, profile), read once from the base config.
+# Everything else is either an upstream key (the rest of data, gan, encoder; directions), the
+# evaluation every trial is scored by (eval: one fixed attack and shift suite, or a trial could
+# sample itself an easier test), or a setting of the sweep itself (tune, tracking, benchmark,
+# profile), read once from the base config.
 UPSTREAM_SECTIONS = {"data": "gan", "gan": "gan", "encoder": "bies", "directions": "directions"}
-TRIAL_SECTIONS = ("robust", "eval", "vae", "cvae")
+TRIAL_SECTIONS = ("robust", "vae", "cvae")
+SCORING_SECTIONS = ("eval",)
 TRIAL_TOP_KEYS = ("seed", "device")
 
 
