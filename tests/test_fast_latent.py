@@ -241,6 +241,9 @@ def test_exact_mode_is_unchanged():
         got.append([m["train_loss"], m["eps_mean"], m["adv_fooled"], float(src.eps.sum())])
     want = [[2.354493776957194, 0.5, 0.9479166666666666, 48.5], [2.0167588790257773, 0.5052083532015482,
                                                                    0.9479166666666666, 49.0]]
-    assert got == [pytest.approx(w, rel=1e-5) for w in want]
+    # rel 1e-3: two epochs of float32 training differ in the 4th digit with the order of reductions
+    # (the whole suite's process vs this file alone: 2.35484 vs 2.35449); a changed algorithm
+    # moves these by far more.
+    assert got == [pytest.approx(w, rel=1e-3) for w in want]
     assert float(sum(p.detach().double().sum() for p in state.model.parameters())) == pytest.approx(35.31072996314114,
-                                                                                                   rel=1e-5)
+                                                                                                   rel=1e-3)
