@@ -96,6 +96,7 @@ RULES: dict[str, Rule] = {
     "robust.method": Rule(lambda m: m in _methods(), "a registered augmentation method", names=_methods),
     **_each("robust", "epochs batch_size num_directions classifier_width advmix_candidates", at_least(1)),
     **_each("robust", "pool_size pool_refresh", at_least(1)),
+    "robust.adv_fraction": Rule(lambda f: 0 < f <= 1, "be in (0, 1] (the attacked share of each batch)"),
     **_each("robust", "eps rho label_smoothing_c pgd_steps cvae_eps cvae_steps cvae_step_size", at_least(0)),
     "robust.lr": above(0),
     "robust.pixel_eps": within(0, 1, why="images are in [0, 1]"),

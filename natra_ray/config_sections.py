@@ -111,14 +111,20 @@ class RobustConfig:
     label_smoothing_c: float = 0.1
     pgd_steps: int = 3
     pgd_step_size: float = 0.0  # 0 = 2.5 * eps / steps (Madry's rule)
-    # How the natra methods find their transformation: "exact" = pgd_steps of latent PGD through
-    # G per batch (Eq. 6); "pool" = the worst of pool_size decoded corners of each example's budget
-    # box, each slot re-decoded every pool_refresh epochs, chosen by pool_select: "gradient" (first
-    # order, from the clean half's input gradient) or "loss" (every member classified). augment/pool.py
-    natra_mode: Literal["exact", "pool"] = "exact"
-    pool_size: int = 8  # P: uint8 members, P x 10 MB per 10k 32 x 32 grey images
-    pool_refresh: int = 16  # R: P / R = 0.5 decodes per example per epoch (a decode ~ a standard step)
+    # How the natra methods find their transformation (bench/bench_epoch.py compares them):
+    # "exact" = pgd_steps of latent PGD through G for every example of every batch (Eq. 6);
+    # "pool" = a pool of pool_size decoded edits per example, each slot re-decoded every
+    # pool_refresh epochs at a corner pool_propose picks ("surrogate": latent FGSM through a
+    # per-class linear fit of the directions' pixel effect; "random"), the worst chosen by
+    # pool_select ("gradient": first order, from the clean half's input gradient; "loss": every
+    # member classified) - augment/pool.py; "fraction" = the exact attack on adv_fraction of each
+    # batch, its mean loss standing in for the whole batch's (unbiased).
+    natra_mode: Literal["exact", "pool", "fraction"] = "exact"
+    pool_size: int = 4  # P: uint8 members, P x 10 MB per 10k 32 x 32 grey images
+    pool_refresh: int = 8  # R: P / R = 0.5 decodes per example per epoch (a decode ~ a standard step)
     pool_select: Literal["gradient", "loss"] = "gradient"
+    pool_propose: Literal["surrogate", "random"] = "surrogate"
+    adv_fraction: float = 0.2
     num_directions: int = 8
     layer_start: int = 0
     layer_end: int = -1

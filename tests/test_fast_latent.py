@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from natra_ray.augment import AugmentContext, Batch, create_method, soft_cross_entropy
 from natra_ray.augment.latent import LatentSource
-from natra_ray.augment.pool import LatentPool, TwoPass, from_uint8, member_losses
+from natra_ray.augment.pool import LatentPool, Surrogate, TwoPass, from_uint8, member_losses
 from natra_ray.config import ConfigError, load_config
 from natra_ray.data import ImageDataset
 from natra_ray.models import create_generator
@@ -71,11 +71,12 @@ def _visit(cfg, model, src, ds, idx, seed=3):
     return aug, None, None
 
 
-def test_exact_is_the_default_and_the_pool_keys_are_checked():
+def test_exact_is_the_default_and_the_fast_mode_keys_are_checked():
     r = load_config("smoke").robust
-    assert (r.natra_mode, r.pool_select) == ("exact", "gradient")
+    assert (r.natra_mode, r.pool_select, r.pool_propose) == ("exact", "gradient", "surrogate")
     for bad in ({"robust.pool_size": 0}, {"robust.pool_refresh": 0}, {"robust.natra_mode": "fast"},
-                {"robust.pool_select": "best"}):
+                {"robust.pool_select": "best"}, {"robust.pool_propose": "pgd"}, {"robust.adv_fraction": 0.0},
+                {"robust.adv_fraction": 1.5}):
         with pytest.raises(ConfigError):
             _cfg(**bad)
 
@@ -128,22 +129,22 @@ def test_selected_member_is_the_worst_of_the_pool_for_the_current_model(select):
     eps_before = src.eps.clone()
     aug, half, grad = _visit(cfg, model, src, ds, idx, seed=4)  # refreshes every slot again, then selects
     members = from_uint8(src.pool.images[idx])  # (B, P, 1, 32, 32): the pool the selection saw
+    assert aug.x.shape[0] == B and torch.equal(aug.x, ds.images[:B]) and half.x.shape[0] == B
     if select == "loss":
-        x_adv = aug.x[B:]
-        assert aug.x.shape[0] == 2 * B and torch.equal(aug.x[:B], ds.images[:B])
         model.eval()
         with torch.no_grad():  # brute force: every member classified on its own
             losses = torch.stack([F.cross_entropy(model(members[:, p]), ds.labels[:B], reduction="none")
                                   for p in range(4)], 1)
+        model.train()
         want = losses.argmax(1)
-        assert torch.allclose(member_losses(model, members, ds.labels[:B])[0], losses, atol=1e-5)
+        got = member_losses(model, members, torch.ones(B, 4, dtype=torch.bool), ds.labels[:B])
+        assert torch.allclose(got, losses, atol=1e-5)
     else:
-        assert aug.x.shape[0] == B and half.x.shape[0] == B
-        x_adv = half.x
         # brute force: the first-order loss change <g, x_m - x> of every member, one at a time
         gain = torch.stack([((members[:, p] - ds.images[:B]) * grad).flatten(1).sum(1) for p in range(4)], 1)
         want = gain.argmax(1)
-        aug.info.update(aug.seen(model(x_adv).detach()))
+    x_adv = half.x
+    aug.info.update(aug.seen(model(x_adv).detach()))
     assert torch.equal(x_adv, members[torch.arange(B), want])
     # APT as in natra: eps_i + rho unless the selected member fools the model, truncated at the cap
     assert {"eps_mean", "adv_fooled", "pool_members"} <= set(aug.info)
@@ -181,10 +182,11 @@ def _second(seen, g, x2, t2):
     return Augmented(x2, t2)
 
 
-@pytest.mark.parametrize("method,select", [("natra", "gradient"), ("natra", "loss"), ("natra_oa", "gradient"),
-                                           ("natra+classic", "gradient")])
-def test_pool_mode_trains_end_to_end_through_robust_train(method, select):
-    cfg = _pool_cfg(select, **{"robust.method": method})
+@pytest.mark.parametrize("method,over", [
+    ("natra", {}), ("natra", {"robust.pool_select": "loss", "robust.pool_propose": "random"}),
+    ("natra_oa", {}), ("natra+classic", {}), ("natra", {"robust.natra_mode": "fraction"})])
+def test_fast_modes_train_end_to_end_through_robust_train(method, over):
+    cfg = _pool_cfg(**{"robust.method": method, **over})
     ds, src = _tiny(cfg)
     val, val_src = _tiny(cfg, n=48)
     seen = []
@@ -192,14 +194,77 @@ def test_pool_mode_trains_end_to_end_through_robust_train(method, select):
     assert [h["epoch"] for h in state.history] == [1, 2] and len(seen) == 2
     for h in state.history:
         assert torch.isfinite(torch.tensor(h["train_loss"])) and 0 <= h["adv_fooled"] <= 1
-        assert 1 <= h["pool_members"] <= 4 and 0 <= h["val_natural_acc"] <= 1
+        assert 0 <= h["val_natural_acc"] <= 1
+    if cfg.robust.natra_mode == "fraction":
+        assert src.pool is None and float(src.eps.max()) > cfg.robust.eps
+        return
+    assert all(1 <= h["pool_members"] <= 4 for h in state.history)
     used = src.pool.visits > 0  # drop_last: 3 batches of 32 = every example, each epoch
     assert int(used.sum()) == len(ds) and int(src.pool.visits.max()) == 2
     if method == "natra_oa":  # no APT: one fixed budget
-        assert bool((src.eps == cfg.robust.eps).all()) and bool((src.pool.radius[src.pool.valid(torch.arange(len(ds)))]
-                                                                 == cfg.robust.eps).all())
+        held = src.pool.radius[src.pool.valid(torch.arange(len(ds)))]
+        assert bool((src.eps == cfg.robust.eps).all()) and bool((held == cfg.robust.eps).all())
     else:
         assert bool((src.eps >= cfg.robust.eps).all()) and float(src.eps.max()) > cfg.robust.eps
+
+
+def test_surrogate_recovers_a_linear_decoder_and_proposes_its_fgsm_corner():
+    torch.manual_seed(0)
+    k, pixels = 4, 64
+    true = torch.randn(3, k, pixels)  # per class: how each direction changes the image
+    sur = Surrogate.empty(3, k, pixels)
+    y = torch.arange(60) % 3
+    assert not bool(sur.ready(y).any())
+    signs = torch.randint(0, 2, (60, k)).float() * 2 - 1
+    sur.update(y, signs, torch.einsum("mk,mkd->md", signs, true[y]))
+    assert bool(sur.ready(y).all())
+    g = torch.randn(60, pixels)
+    want = torch.einsum("mkd,md->mk", true[y], g)  # d loss / d r of the linear decoder
+    assert torch.equal(torch.sign(sur.directions(y, g)), torch.sign(want))
+
+
+def test_surrogate_members_are_the_fgsm_corner_of_the_fit():
+    cfg = _pool_cfg(**{"robust.pool_size": 2, "robust.pool_refresh": 1})
+    ds, src = _tiny(cfg)
+    model = robust.build_classifier(cfg, 10)
+    for v in range(4):  # fill the fit: 96 examples x 2 slots per pass over the data
+        for i in range(0, len(ds), B):
+            _visit(cfg, model, src, ds, torch.arange(i, i + B), seed=v)
+    import copy
+
+    idx = torch.arange(B)
+    fit = copy.deepcopy(src.pool.surrogate)  # the fit the proposals are made with (updated after)
+    aug, half, grad = _visit(cfg, model, src, ds, idx, seed=9)
+    assert aug.seen(model(half.x).detach())["pool_surrogate"] == 1.0  # one surrogate corner per example
+    r = src.pool.coeffs[idx, 0]  # R = 1: both slots due, the first (slot 0) gets the surrogate corner
+    assert torch.equal(torch.sign(r), torch.sign(fit.directions(ds.labels[:B], grad)))
+    radius = (src.eps[idx] + cfg.robust.rho).clamp(max=cfg.robust.eps_cap)
+    assert bool((r.abs() <= radius[:, None] + 1e-6).all())
+
+
+def test_fraction_mode_attacks_a_share_of_the_batch_and_weighs_it_as_the_whole():
+    cfg = _cfg(**{"robust.natra_mode": "fraction", "robust.adv_fraction": 0.25})
+    ds, src = _tiny(cfg)
+    model = robust.build_classifier(cfg, 10)
+    eps_before = src.eps.clone()
+    aug, half, _ = _visit(cfg, model, src, ds, torch.arange(B))
+    assert aug.x.shape[0] == B and half.x.shape[0] == B // 4 and half.target.shape == (B // 4, 10)
+    aug.seen(model(half.x).detach())
+    changed = (src.eps != eps_before).nonzero().flatten()
+    assert len(changed) <= B // 4 and bool((changed < B).all())
+
+
+def test_two_pass_with_a_smaller_second_half_is_the_mean_of_the_halves_means():
+    from natra_ray.augment import Augmented
+    from natra_ray.stages.robust import _two_pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x1, x2 = torch.rand(8, 1, 4, 4), torch.rand(2, 1, 4, 4)
+    t1, t2 = F.one_hot(torch.randint(0, 3, (8,)), 3).float(), F.one_hot(torch.randint(0, 3, (2,)), 3).float()
+    loss = _two_pass(model, TwoPass(x1, t1, second=lambda g: Augmented(x2, t2)), torch.device("cpu"))
+    want = (soft_cross_entropy(model(x1), t1).mean() + soft_cross_entropy(model(x2), t2).mean()) / 2
+    assert torch.isclose(loss, want.detach())
 
 
 def test_pool_mode_runs_a_whole_trial_in_process(tmp_path):
@@ -247,3 +312,27 @@ def test_exact_mode_is_unchanged():
     assert got == [pytest.approx(w, rel=1e-3) for w in want]
     assert float(sum(p.detach().double().sum() for p in state.model.parameters())) == pytest.approx(35.31072996314114,
                                                                                                    rel=1e-3)
+
+
+def test_two_pass_under_ddp_matches_the_plain_model(tmp_path):
+    """The Ray worker loop trains a DDP-wrapped classifier: the two passes (first under no_sync)
+    give the same weights as the bare model (one process, gloo)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg = _pool_cfg()
+    weights = []
+    for wrap in (False, True):
+        ds, src = _tiny(cfg)
+        torch.manual_seed(7)
+        state = robust.make_state(cfg, 10, len(ds) // B, torch.device("cpu"))
+        if wrap:
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+            state.model = DDP(state.model)
+        try:
+            robust.train_epoch(cfg, state, ds, src, torch.Generator().manual_seed(0))
+        finally:
+            if wrap:
+                dist.destroy_process_group()
+        weights.append([p.detach().clone() for p in state.bare.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))

@@ -118,6 +118,8 @@ def _natra(ctx: AugmentContext, batch: Batch, apt: bool, method: str) -> Augment
         from natra_ray.augment.pool import natra_pool
 
         return natra_pool(ctx, batch, apt)
+    if cfg.natra_mode == "fraction":
+        return _natra_fraction(ctx, batch, apt, src)
     eps_i = src.eps[batch.idx.cpu()]  # (B,)
     # APT attacks at eps_i + rho (Sec. 3.4.3): the same transformation trains theta and
     # tells whether eps_i may grow, so tuning costs no extra forward passes.
@@ -133,6 +135,34 @@ def _natra(ctx: AugmentContext, batch: Batch, apt: bool, method: str) -> Augment
     x = torch.cat([batch.x.to(x_adv.device), x_adv])
     t = torch.cat([one_hot(batch.y, ctx.num_classes), target]).to(x_adv.device)
     return Augmented(x, t, {"eps_mean": float(used.mean()), "adv_fooled": float(mis.float().mean())})
+
+
+def _natra_fraction(ctx: AugmentContext, batch: Batch, apt: bool, src: LatentSource) -> Augmented:
+    """Eq. 6's attack on a random fraction of the batch; the adversarial half's mean loss over
+    those rows is an unbiased estimate of the whole batch's (the clean half stays whole)."""
+    from natra_ray.augment.pool import TwoPass
+
+    cfg = ctx.cfg
+    b = batch.x.shape[0]
+    m = max(1, round(cfg.adv_fraction * b))
+    pick = torch.randperm(b, generator=ctx.generator)[:m]
+    idx = batch.idx.cpu()[pick]
+    y = batch.y.cpu()[pick]
+    eps_i = src.eps[idx]
+    radius = (eps_i + cfg.rho).clamp(max=cfg.eps_cap) if apt else torch.full_like(eps_i, cfg.eps)
+    used = eps_i if apt else radius
+    target = smooth_labels(y, ctx.num_classes, cfg.label_smoothing_c * used, ctx.generator)
+    info: dict[str, float] = {}
+
+    def second(grad: Tensor) -> Augmented:
+        adv = latent_attack(ctx.model, src, idx, y, radius, cfg.pgd_steps, cfg.pgd_step_size or None, ctx.generator)
+        mis = (adv.logits.argmax(1).cpu() != y)
+        if apt:
+            src.eps[idx] = apt_update(eps_i, mis, cfg.rho, cfg.eps_cap)
+        info.update(eps_mean=float(used.mean()), adv_fooled=float(mis.float().mean()))
+        return Augmented(adv.x, target.to(adv.x.device))
+
+    return TwoPass(batch.x, one_hot(batch.y, ctx.num_classes), second=second, seen=lambda logits: dict(info))
 
 
 @METHODS.register("natra", needs=Needs(latent=True))

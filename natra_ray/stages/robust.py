@@ -103,27 +103,25 @@ def make_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torc
 
 def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device) -> torch.Tensor:
     """Backward the loss of a ``TwoPass`` batch (augment/pool.py) in two passes: its first half,
-    whose input gradient picks the second half, then that half. The gradients add up to those of
-    one pass over both halves (the mean over all rows); under DDP the first backward does not
-    all-reduce (``no_sync``), the second reduces both."""
+    whose input gradient picks the second half, then that half. The loss is the mean of the two
+    halves' mean losses: with as many rows in each, the one-pass mean over all rows, and with a
+    second half of a fraction of the rows, an unbiased estimate of it. Under DDP the first
+    backward does not all-reduce (``no_sync``), the second reduces both."""
     x1 = aug.x.to(dev).detach().requires_grad_(True)
     t1 = aug.target.to(dev)
-    rows = 2 * x1.shape[0]  # the second half has one row per row of the first
     sync_later = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
     with sync_later:
-        l1 = soft_cross_entropy(model(x1, **aug.forward_kwargs), t1).sum()
-        (l1 / rows).backward()
+        l1 = soft_cross_entropy(model(x1, **aug.forward_kwargs), t1).mean() / 2
+        l1.backward()
     half = aug.second(x1.grad)
     x2 = half.x.to(dev)
-    if x2.shape[0] != x1.shape[0]:
-        raise ValueError(f"a TwoPass method's second half has {x2.shape[0]} rows, its first {x1.shape[0]}")
     logits = model(x2, **half.forward_kwargs)
-    l2 = soft_cross_entropy(logits, half.target.to(dev)).sum()
-    (l2 / rows).backward()
+    l2 = soft_cross_entropy(logits, half.target.to(dev)).mean() / 2
+    l2.backward()
     aug.info.update(half.info)
     if aug.seen is not None:
         aug.info.update(aug.seen(logits.detach()))
-    return (l1.detach() + l2.detach()) / rows
+    return l1.detach() + l2.detach()
 
 
 def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Optional[LatentSource],
