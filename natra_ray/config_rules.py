@@ -202,8 +202,15 @@ def _eval_layers_in_range(f: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _inline_is_one_worker(f: Mapping[str, Any]) -> str | None:
+    if f["tune.trainer"] == "inline" and f["tune.train_workers"] != 1:
+        return (f"tune.trainer=inline trains in the trial's own process, one worker, but tune.train_workers="
+                f"{f['tune.train_workers']}: set tune.trainer=train (or auto) for several workers")
+    return None
+
+
 CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (
-    _folders_need_pairs, _folders_have_no_bundles, _eval_layers_in_range,
+    _folders_need_pairs, _folders_have_no_bundles, _eval_layers_in_range, _inline_is_one_worker,
 )
 
 

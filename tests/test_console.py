@@ -148,7 +148,7 @@ def test_sweep_console_shows_stages_and_bars_and_no_ray_internals(ray_cluster, t
     lines = _screen(out)
     text = "\n".join(lines)
     for stage in ("GAN", "BIES", "directions", "encoding the train split"):
-        assert re.search(rf"\[stage\] {stage}.* (done in \d+ s|cached) -> ", text), (stage, text[-4000:])
+        assert re.search(rf"\[stage\] {stage}.* (done in (\d+ s|[\d.]+ min)|cached) -> ", text), (stage, text[-4000:])
     assert re.search(r"training.*\| *\d+/\d+ \[", text) or re.search(r"train-\w+ \(\d+ epochs\).*batch", text), text[-4000:]
     assert sum("nothing to resume" in line for line in lines) == 1
     assert "Trial status:" in text  # Tune's trial table

@@ -20,8 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_resource_budget_counts_every_level():
     cfg = load_config("smoke")
-    assert trial_cpus(cfg) == pytest.approx(0.5 + 1 + 0.5)
+    assert cfg.tune.inline and trial_cpus(cfg) == 1  # one worker: the trial's own process trains
+    assert max_concurrent(cfg, 2) == 2
+    cfg = cfg.replace(**{"tune.trainer": "train"})  # driver + Train worker + Data actor
+    assert not cfg.tune.inline and trial_cpus(cfg) == pytest.approx(0.5 + 1 + 0.5)
     assert max_concurrent(cfg, 2) == 1 and max_concurrent(cfg, 8) == 4
+    with pytest.raises(ConfigError, match="tune.trainer=inline .* tune.train_workers=2"):
+        load_config("smoke", overrides={"tune.trainer": "inline", "tune.train_workers": 2})
     big = cfg.replace(**{"tune.train_workers": 4})
     with pytest.raises(ResourceError, match="one trial needs 5 CPUs .* but the cluster has 2"):
         max_concurrent(big, 2)
@@ -88,7 +93,7 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, s
            "--runtime-env-json", '{"excludes": [".venv", ".git", "*.egg-info", "__pycache__"]}',
            "--", sys.executable, "jobs/tune_natra.py", "--profile", "smoke", "tune.search_space=smoke",
            "tune.name=ci-smoke", f"tune.storage_path={smoke_storage}", f"tracking.uri={uri}",
-           "tune.num_samples=2", "tune.references=[none]"]
+           "tune.num_samples=2", "tune.references=[none]", "tune.trainer=train"]
     for _ in range(30):  # the head's job agent starts after the dashboard answers: wait for it
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         if "No available agent to submit job" not in proc.stdout + proc.stderr:
@@ -118,6 +123,9 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, s
         for m in ("test_clean_acc", "test_natural_acc", "val_natural_acc"):
             assert done[f"metrics.{m}"].between(0, 1).all(), m
         model = mlflow.pytorch.load_model(f"runs:/{done.iloc[0]['run_id']}/classifier")
+    # the user's cluster path: each trial a TorchTrainer (fed by the Ray Data stream), not inline
+    trained = {p.name for p in (smoke_storage / "train_runs").iterdir()}
+    assert {f"train-{t}" for t in done["tags.natra.trial_id"]} <= trained, trained
     summary = (smoke_storage / "sweeps" / "ci-smoke" / "summary.md").read_text()
     assert "| reference-none | REFERENCE |" in summary, summary
     x = torch.rand(2, 1, 28, 28)  # Fashion-MNIST's own size: the logged model pads to 32 itself

@@ -31,10 +31,12 @@ GOLDEN = {
               "codes-1": ["cf4be58e93afa934", "616a76cf48a056d9", "dc9c40a73a18f661"],
               "codes-lce": ["a76c1c2f0314a658", "32e902b6942074b7", "7bd6d6b3915e79ae"],
               "vae": "5ecd43b0ee6319cf", "cvae": "9ac8f0b527c69247", "benchmark": "5761962855c17ae0"},
-    "cpu": {"gan": "1e7cad3163f73066", "bies": "33102496acf50dad", "directions": "6cbc233a4ad9dd2e",
-            "codes-1": ["67838579d624ee35", "356485dcee3d2296", "984b815f383ce4c1"],
-            "codes-lce": ["50d14ed90bf6d7cf", "f383beb6d9aed522", "01262781b292e58e"],
-            "vae": "e466942d0912c9cd", "cvae": "6e6478dc4704ce4e", "benchmark": "27253268eb6f2613"},
+    # the cpu profile's own values moved on purpose (issue 19: the whole training split, a 1600-step
+    # GAN, one code per image); these are its keys since.
+    "cpu": {"gan": "c688351d0e5ff758", "bies": "5f680d72757ef5b5", "directions": "6a098c5a5d83dea5",
+            "codes-1": ["1d234aa5fd8a5fa4", "13c7473494811d72", "6244a66cd6e13377"],
+            "codes-lce": ["1d234aa5fd8a5fa4", "13c7473494811d72", "6244a66cd6e13377"],
+            "vae": "642ee5e520a51b8b", "cvae": "c7e4c19adf66b51f", "benchmark": "9706f996b9cc65e8"},
     "paper": {"gan": "5cdd4dc61fd3f867", "bies": "37ff12c80b2bad66", "directions": "db63ff87a9ff20a0",
               "codes-1": ["40f873561a7ef03e", "680db5427497a028", "3055355ad362bdf0"],
               "codes-lce": ["1b08d70adf0b9716", "bae6a008ba6b11d1", "b2ebafe94b74ba6c"],

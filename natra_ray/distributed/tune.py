@@ -38,7 +38,18 @@ class ResourceError(ConfigError):
 # --------------------------------------------------------------------------- resources
 def trial_cpus(cfg: Config) -> float:
     t = cfg.tune
+    if t.inline:  # the trial's process is its only worker
+        return float(t.cpus_per_worker)
     return t.driver_cpus + t.train_workers * t.cpus_per_worker + (t.data_cpus if t.data_stream else 0.0)
+
+
+def trial_resources(cfg: Config) -> Dict[str, float]:
+    """What Tune reserves for the trial's own process (a TorchTrainer's workers ask for theirs)."""
+    from natra_ray.distributed.train import use_gpu
+
+    if cfg.tune.inline:
+        return {"CPU": float(cfg.tune.cpus_per_worker), **({"GPU": 1.0} if use_gpu(cfg) else {})}
+    return {"CPU": cfg.tune.driver_cpus}
 
 
 def max_concurrent(cfg: Config, cluster_cpus: float, autoscaling: bool = False) -> int:
@@ -46,19 +57,45 @@ def max_concurrent(cfg: Config, cluster_cpus: float, autoscaling: bool = False) 
     need = trial_cpus(cfg)
     if need > cluster_cpus + 1e-9 and not autoscaling:
         raise ResourceError(
-            f"one trial needs {need:g} CPUs (driver {cfg.tune.driver_cpus:g} + {cfg.tune.train_workers} Train "
-            f"workers x {cfg.tune.cpus_per_worker} + Data {cfg.tune.data_cpus:g}) but the cluster has "
+            f"one trial needs {need:g} CPUs ({_shape(cfg)}) but the cluster has "
             f"{cluster_cpus:g}; lower tune.train_workers / tune.cpus_per_worker or add nodes")
     if cfg.tune.max_concurrent_trials > 0:
         return cfg.tune.max_concurrent_trials
     return max(1, int(math.floor(cluster_cpus / need + 1e-9)))
 
 
+def _shape(cfg: Config) -> str:
+    t = cfg.tune
+    if t.inline:
+        return f"trained inline in the trial's process, tune.cpus_per_worker={t.cpus_per_worker}"
+    return (f"driver {t.driver_cpus:g} + {t.train_workers} Train workers x {t.cpus_per_worker} + "
+            f"Data {t.data_cpus if t.data_stream else 0:g}")
+
+
 # --------------------------------------------------------------------------- the trial
+def inline_fit(cfg: Config):
+    """A ``workflow.trial.Fit`` that trains in the Tune trial's own process (``tune.inline``),
+    reporting every epoch to Tune (so ASHA can stop it) as a TorchTrainer's callback would."""
+    import ray.tune
+    import torch
+
+    from natra_ray.workflow.trial import in_process_fit
+
+    def fit(tcfg: Config, inputs: Any, report: Any):
+        torch.set_num_threads(max(1, int(tcfg.tune.cpus_per_worker)))
+
+        def both(m: Mapping[str, Any]) -> None:
+            report(m)
+            ray.tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))})
+        return in_process_fit(tcfg, inputs, both)
+    return fit
+
+
 def trial_fn(params: Dict[str, Any], cfg: Config, space: SearchSpace, layout: StorageLayout, upstream: Upstream,
              tracking: Mapping[str, str]) -> None:
     """One Tune trial: the sampled config, then ``run_trial`` with a TorchTrainer fit (fed by the
-    Ray Data stream) and the trial's MLflow child run as its recorder."""
+    Ray Data stream), or the inline one (``tune.trainer``), and the trial's MLflow child run as its
+    recorder."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -75,7 +112,8 @@ def trial_fn(params: Dict[str, Any], cfg: Config, space: SearchSpace, layout: St
     logged = {**tcfg.flat(), **{f"sampled.{k}": v for k, v in sampled.items()}}
     with TrialTracker.from_spec(tracking, trial_id, logged, run_name=f"trial-{trial_id}") as recorder:
         inputs = trial_inputs(tcfg, layout, upstream, load_splits(tcfg))
-        fit = ray_fit(layout.train_runs, f"train-{trial_id}", callbacks=[TuneReportCallback()])
+        fit = inline_fit(tcfg) if tcfg.tune.inline else ray_fit(layout.train_runs, f"train-{trial_id}",
+                                                                 callbacks=[TuneReportCallback()])
         result = run_trial(tcfg, inputs, layout.trial(trial_id), fit, recorder, log_model=True)
     ray.tune.report({**result.metrics, "mlflow_run_id": recorder.run_id, "done": True})
 
@@ -158,6 +196,12 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
         log.warning("label preservation not measured: %s: %s", type(e).__name__, e)
         kept = None
 
+    # the base config's latent codes of every split, once, with all of this process's threads:
+    # otherwise the first trials (and the references) would each wait on the cache lock for them
+    from natra_ray.workflow.trial import trial_inputs
+
+    trial_inputs(cfg, layout, upstream, load_splits(cfg))
+
     # the reference classifiers (none, classic) at the trials' budget, before the trials take the CPUs
     references = run_references(cfg, layout, upstream, tracker.trial_spec())
 
@@ -177,7 +221,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, cfg=cfg, space=space, layout=layout, upstream=upstream,
                              tracking=tracker.trial_spec()),
-        {"CPU": cfg.tune.driver_cpus})
+        trial_resources(cfg))
     exp_path = layout.tune_experiment(cfg.tune.name)
     run_config = tune.RunConfig(name=cfg.tune.name, storage_path=str(layout.tune),
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbosity())

@@ -93,15 +93,17 @@ def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.T
 
 def run(cfg: Config, model: nn.Module, test: ImageDataset, test_latent: Optional[LatentSource] = None,
         out_dir: str | Path | None = None, prefix: str = "test_") -> Dict[str, float]:
-    """All metrics on (the first ``eval.max_examples`` of) the test split, keys prefixed."""
+    """All metrics on the test split, keys prefixed: clean, blurred and corruption accuracy on
+    every test image (forward passes: cheap, and a 300-image estimate moves by +-2.5 points), the
+    attacks (DeepFool, pixel PGD, the latent attack) on its first ``eval.max_examples``."""
     t0 = time.time()
     model.eval()
     n = min(len(test), cfg.eval.max_examples)
     x, y = test.images[:n], test.labels[:n]
     out_dir = Path(out_dir) if out_dir is not None else None
     m: Dict[str, float] = {"clean_acc": accuracy(model, test.images, test.labels)}
-    m["blurred_acc"] = float((_predict(model, apply_corruption("blur5", x, 1)) == y).float().mean())
-    m.update(corruption_accuracies(cfg, model, x, y))
+    m["blurred_acc"] = float((_predict(model, apply_corruption("blur5", test.images, 1)) == test.labels).float().mean())
+    m.update(corruption_accuracies(cfg, model, test.images, test.labels))
     dev = next(model.parameters()).device
     m["deepfool_score"] = deepfool_score(model, x.to(dev), max_iter=cfg.eval.deepfool_steps)
     # seeded random starts, as the corruptions' and the latent attack's: a model scores the same every time

@@ -200,9 +200,9 @@ def val_metrics(cfg: Config, model: nn.Module, val: ImageDataset, val_latent: Op
     training one, or a trial that narrows ``robust.*`` is scored against an easier attack."""
     m = {"val_acc": accuracy(model, val.images, val.labels), **shift_accuracies(cfg, model, val)}
     m["val_objective"] = objective(m)
-    if val_latent is not None:
-        m["val_natural_acc"] = natural_accuracy(model, val_latent, val.labels, cfg.eval.natural_eps,
-                                                cfg.eval.natural_steps, seed=cfg.seed)
+    if val_latent is not None:  # codes of the first eval.max_examples only (workflow.upstream.coded_part)
+        m["val_natural_acc"] = natural_accuracy(model, val_latent, val.labels[:len(val_latent.ws)],
+                                                cfg.eval.natural_eps, cfg.eval.natural_steps, seed=cfg.seed)
     return m
 
 

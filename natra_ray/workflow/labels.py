@@ -38,7 +38,7 @@ from natra_ray.stages import robust
 from natra_ray.stages.lce import LatentCodes
 from natra_ray.workflow.layout import StorageLayout
 from natra_ray.workflow.trial import latent_source
-from natra_ray.workflow.upstream import UPSTREAM_SEED, Upstream, _training_data, codes_path
+from natra_ray.workflow.upstream import UPSTREAM_SEED, Upstream, _training_data, coded_part, codes_path
 
 REFERENCE_EPOCHS = 2  # enough for a labeller well above chance; the key holds it
 MAX_IMAGES = 512  # validation images measured (a few hundred decodes)
@@ -123,9 +123,10 @@ def label_preservation(cfg: Config, upstream: Upstream, layout: StorageLayout, s
     (default: the cached ones a trial of ``cfg`` decodes, encoded on first use)."""
     val = splits["val"]
     n = min(len(val), max_images)
-    if codes is None:
+    if codes is None:  # the codes the trials' validation attack reads, so nothing is encoded twice
         n_codes = method_needs(cfg.robust.method).lce_codes(cfg.encoder.lce_codes)
-        codes = codes_path(cfg, upstream, layout, "val", val, n_codes)
+        coded = coded_part(cfg, "val", val)
+        codes, n = codes_path(cfg, upstream, layout, "val", coded, n_codes), min(n, len(coded))
     ref_entry = reference_classifier(cfg, layout, splits, epochs, report)
     ref_acc = float(cache.read_manifest(ref_entry)["summary"]["reference_val_acc"])
     eps = float(cfg.robust.eps)

@@ -30,7 +30,7 @@ from natra_ray.stages import evaluate, gan, robust
 from natra_ray.stages.lce import LatentCodes
 from natra_ray.workflow.layout import StorageLayout
 from natra_ray.workflow.recorder import Recorder
-from natra_ray.workflow.upstream import (UPSTREAM_SEED, Upstream, codes_path, extra_model_paths,
+from natra_ray.workflow.upstream import (UPSTREAM_SEED, Upstream, coded_part, codes_path, extra_model_paths,
                                          load_extra_models)
 
 # Upstream grids logged with each trial, per cache entry (the first few, sorted by name).
@@ -58,7 +58,8 @@ def trial_inputs(cfg: Config, layout: StorageLayout, upstream: Upstream, splits:
     """The codes of every split (with the LCE count the method asks for) and its extra models,
     from the cache or computed into it."""
     n_codes = method_needs(cfg.robust.method).lce_codes(cfg.encoder.lce_codes)
-    codes = {name: codes_path(cfg, upstream, layout, name, ds, n_codes) for name, ds in splits.items()}
+    codes = {name: codes_path(cfg, upstream, layout, name, coded_part(cfg, name, ds), n_codes)
+             for name, ds in splits.items()}
     return TrialInputs(dict(splits), upstream, codes, extra_model_paths(cfg, layout, splits["train"], report))
 
 

@@ -195,6 +195,15 @@ def codes_key(cfg: Config, up: Upstream, split: str, n_images: int, n_codes: int
                               "split": split, "data": keyed_dict(cfg)["data"], "n": n_images})
 
 
+def coded_part(cfg: Config, split: str, ds: ImageDataset) -> ImageDataset:
+    """The images of a split a trial needs latent codes of: every training image (each one is
+    attacked while training), the first ``eval.max_examples`` of val and test (only the latent
+    attacks read them: encoding all 10k test images with LCE would cost more than the trial)."""
+    if split == "train" or len(ds) <= cfg.eval.max_examples:
+        return ds
+    return ds.subset(slice(0, cfg.eval.max_examples))
+
+
 def codes_path(cfg: Config, up: Upstream, layout: StorageLayout, split: str, ds: ImageDataset, n_codes: int) -> Path:
     """The cached latent codes (``lce.LatentCodes``) of split ``split``, encoded on first use."""
     dev = resolve_device(cfg.device)
