@@ -227,7 +227,9 @@ def train(cfg: Config, train: ImageDataset, val: ImageDataset, latent: Optional[
     gen = torch.Generator().manual_seed(cfg.seed)
     while state.epoch < cfg.robust.epochs:
         m = train_epoch(cfg, state, train, latent, gen, extra=extra)
+        t0 = time.time()
         m.update(val_metrics(cfg, state.model, val, val_latent))
+        m["val_seconds"] = time.time() - t0  # with epoch_seconds: a trial's work, the rest overhead
         state.history.append(m)
         report(m)
         log.info("robust[%s] epoch %d: %s", cfg.robust.method, state.epoch,
