@@ -10,8 +10,8 @@ import yaml
 
 from natra_ray.config import load_config
 from natra_ray.distributed.resources import (NodeType, ResourceError, cluster_node_types, live_node_types, merge_live,
-                                             node_types_from_yaml, pack, reference_bundle, sweep_plan, total,
-                                             upstream_bundle)
+                                             node_types_from_yaml, not_live_yet, pack, reference_bundle, sweep_plan,
+                                             total, upstream_bundle)
 from natra_ray.distributed.tune import precheck_cluster
 from natra_ray.search_space import SEARCH_SPACE_DIR, SearchSpaceError, list_search_spaces, load_search_space
 from natra_ray.search_space import search_space_from_dict
@@ -97,6 +97,8 @@ def test_the_paper_profile_passes_every_pre_compute_check_here_with_each_space_c
     load_search_space(cfg.tune.search_space, cfg)
     plan = precheck_cluster(cfg, THIS_MACHINE)
     assert plan.concurrent == 2 and {t.name for t in plan.node_types} == {"head", "gpu_worker"}
+    # the GPU workers are the autoscaler's to add (the job warns that they are not live yet)
+    assert [b.name for b in not_live_yet(plan.trial, live_node_types(THIS_MACHINE))] == ["Train worker"]
 
 
 def test_the_paper_profile_defaults_to_a_space_that_claims_it():

@@ -242,6 +242,11 @@ def _trial_shortfall(cfg: Config, bundles: Sequence[Bundle], types: Sequence[Nod
             f"(node types: {'; '.join(nt.describe() for nt in types)}); lower tune.train_workers or add nodes")
 
 
+def not_live_yet(bundles: Sequence[Bundle], live: Sequence[NodeType]) -> List[Bundle]:
+    """The bundles no live node holds: they wait for the autoscaler to add a node that does."""
+    return [b for b in bundles if b.count and not any(t.holds(b.resources) for t in live)]
+
+
 def max_trials(bundles: Sequence[Bundle], types: Sequence[NodeType], limit: int) -> int:
     """The most trials (at most ``limit``) whose bundles all fit the cluster together."""
     n = 0
@@ -273,5 +278,5 @@ def sweep_plan(cfg: Config, types: Sequence[NodeType], gpu: bool, num_samples: O
 
 
 __all__ = ["Bundle", "NodeType", "ResourceError", "SweepPlan", "cluster_node_types", "cluster_yaml_path",
-           "data_actor_resources", "live_node_types", "max_trials", "merge_live", "node_types_from_yaml", "pack",
+           "data_actor_resources", "live_node_types", "max_trials", "merge_live", "not_live_yet", "node_types_from_yaml", "pack",
            "sweep_plan", "trial_bundles", "upstream_bundle", "upstream_cpus"]

@@ -24,8 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional
 from natra_ray.config import Config, ConfigError
 from natra_ray.distributed import console
 from natra_ray.distributed.resources import ResourceError  # noqa: F401  (callers catch it from here)
-from natra_ray.distributed.resources import (NodeType, SweepPlan, cluster_node_types, cluster_yaml_path,
-                                             max_trials, node_types_from_yaml, sweep_plan, trial_bundles)
+from natra_ray.distributed.resources import (NodeType, SweepPlan, cluster_node_types, cluster_yaml_path, fmt,
+                                             live_node_types, max_trials, node_types_from_yaml, not_live_yet,
+                                             sweep_plan, trial_bundles)
 from natra_ray.distributed.results import SUMMARY_METRICS, pareto_front, pareto_png, summary_table
 from natra_ray.search_space import SearchSpace, load_search_space
 from natra_ray.workflow.layout import StorageLayout
@@ -118,6 +119,10 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     plan = precheck_cluster(cfg, ray.nodes(), num_samples)
     concurrent = plan.concurrent
     log.info("%s", plan.describe())
+    waiting = not_live_yet(plan.trial, live_node_types(ray.nodes()))
+    if waiting:  # fine on an autoscaling cluster; without an autoscaler they would wait forever
+        log.warning("no live node holds the %s yet: they start once the autoscaler adds one",
+                    ", ".join(f"{b.name} ({fmt(b.resources)})" for b in waiting))
     tracker = SweepTracker.from_config(cfg, check=not uri)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
