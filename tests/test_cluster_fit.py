@@ -9,12 +9,28 @@ import pytest
 import yaml
 
 from natra_ray.config import load_config
-from natra_ray.distributed.resources import (NodeType, ResourceError, cluster_node_types, live_node_types, merge_live,
-                                             node_types_from_yaml, not_live_yet, pack, reference_bundle, sweep_plan,
-                                             total, upstream_bundle)
+from natra_ray.distributed.resources import (
+    NodeType,
+    ResourceError,
+    cluster_node_types,
+    live_node_types,
+    merge_live,
+    node_types_from_yaml,
+    not_live_yet,
+    pack,
+    reference_bundle,
+    sweep_plan,
+    total,
+    upstream_bundle,
+)
 from natra_ray.distributed.tune import precheck_cluster
-from natra_ray.search_space import SEARCH_SPACE_DIR, SearchSpaceError, list_search_spaces, load_search_space
-from natra_ray.search_space import search_space_from_dict
+from natra_ray.search_space import (
+    SEARCH_SPACE_DIR,
+    SearchSpaceError,
+    list_search_spaces,
+    load_search_space,
+    search_space_from_dict,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "ray_cluster.yaml"

@@ -15,9 +15,10 @@ GPUs while its Data actor waits for one another trial holds would wait forever.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any
 
 from natra_ray.config import Config, ConfigError
 
@@ -85,7 +86,7 @@ def total(types: Iterable[NodeType], key: str) -> float:
 
 
 # --------------------------------------------------------------------------- the cluster
-def cluster_yaml_path(cfg: Config) -> Optional[Path]:
+def cluster_yaml_path(cfg: Config) -> Path | None:
     """``tune.cluster_yaml`` (relative: to the working directory, then the repository), else the
     head's bootstrap config when there is one, else None (the live nodes are the cluster)."""
     given = cfg.tune.cluster_yaml
@@ -100,7 +101,7 @@ def cluster_yaml_path(cfg: Config) -> Optional[Path]:
                         f"(e.g. ray_cluster.yaml) or leave it empty")
 
 
-def node_types_from_yaml(path: Path) -> List[NodeType]:
+def node_types_from_yaml(path: Path) -> list[NodeType]:
     """A Ray cluster config's ``available_node_types``: the head type once, every other type up to
     its ``max_workers`` (and the cluster's). Each must declare its CPU / GPU resources."""
     import yaml
@@ -124,14 +125,14 @@ def node_types_from_yaml(path: Path) -> List[NodeType]:
     return out
 
 
-def live_node_types(nodes: Iterable[Mapping[str, Any]]) -> List[NodeType]:
+def live_node_types(nodes: Iterable[Mapping[str, Any]]) -> list[NodeType]:
     """``ray.nodes()`` -> one NodeType per alive node (its numeric resources)."""
     return [NodeType(f"live node {n.get('NodeManagerAddress', '?')}",
                      {k: float(v) for k, v in n.get("Resources", {}).items() if isinstance(v, (int, float))}, 1)
             for n in nodes if n.get("Alive", True)]
 
 
-def merge_live(declared: Sequence[NodeType], live: Sequence[NodeType]) -> List[NodeType]:
+def merge_live(declared: Sequence[NodeType], live: Sequence[NodeType]) -> list[NodeType]:
     """The declared node types plus each live node that none of them covers (a live node within
     a declared type's resources is taken to be one of its nodes, up to the type's count)."""
     left = {t.name: t.count for t in declared}
@@ -146,7 +147,7 @@ def merge_live(declared: Sequence[NodeType], live: Sequence[NodeType]) -> List[N
     return [*declared, *extra]
 
 
-def cluster_node_types(cfg: Config, nodes: Iterable[Mapping[str, Any]]) -> List[NodeType]:
+def cluster_node_types(cfg: Config, nodes: Iterable[Mapping[str, Any]]) -> list[NodeType]:
     """What the cluster has now (``nodes``: ``ray.nodes()``) and what its autoscaler can add."""
     path = cluster_yaml_path(cfg)
     live = live_node_types(nodes)
@@ -154,13 +155,13 @@ def cluster_node_types(cfg: Config, nodes: Iterable[Mapping[str, Any]]) -> List[
 
 
 # --------------------------------------------------------------------------- the bundles
-def data_actor_resources(cfg: Config, gpu: bool) -> Dict[str, float]:
+def data_actor_resources(cfg: Config, gpu: bool) -> dict[str, float]:
     """The Ray Data decode actor: ``tune.data_cpus``, and a ``tune.data_gpus`` share of a GPU
     when the trial trains on GPUs (0 by default: a whole GPU for it would idle a Train worker's)."""
     return {"CPU": cfg.tune.data_cpus, "GPU": cfg.tune.data_gpus if gpu else 0.0}
 
 
-def trial_bundles(cfg: Config, gpu: bool) -> List[Bundle]:
+def trial_bundles(cfg: Config, gpu: bool) -> list[Bundle]:
     t = cfg.tune
     out = [Bundle("trial driver", {"CPU": t.driver_cpus}, 1, "tune.driver_cpus"),
            Bundle("Train worker", {"CPU": float(t.cpus_per_worker), "GPU": 1.0 if gpu else 0.0}, t.train_workers,
@@ -196,7 +197,7 @@ def reference_bundle(cfg: Config) -> Bundle:
 
 
 # --------------------------------------------------------------------------- fitting
-def pack(bundles: Sequence[Bundle], types: Sequence[NodeType], copies: int = 1) -> Optional[Bundle]:
+def pack(bundles: Sequence[Bundle], types: Sequence[NodeType], copies: int = 1) -> Bundle | None:
     """Place ``copies`` x every bundle on the cluster's nodes, biggest first, each on the first node
     with room (a bundle without GPUs tries GPU-less nodes first, as Ray's scheduler does). Returns
     the first bundle that found no room, None when everything fits. First-fit is not optimal
@@ -242,7 +243,7 @@ def _trial_shortfall(cfg: Config, bundles: Sequence[Bundle], types: Sequence[Nod
             f"(node types: {'; '.join(nt.describe() for nt in types)}); lower tune.train_workers or add nodes")
 
 
-def not_live_yet(bundles: Sequence[Bundle], live: Sequence[NodeType]) -> List[Bundle]:
+def not_live_yet(bundles: Sequence[Bundle], live: Sequence[NodeType]) -> list[Bundle]:
     """The bundles no live node holds: they wait for the autoscaler to add a node that does."""
     return [b for b in bundles if b.count and not any(t.holds(b.resources) for t in live)]
 
@@ -255,7 +256,7 @@ def max_trials(bundles: Sequence[Bundle], types: Sequence[NodeType], limit: int)
     return n
 
 
-def sweep_plan(cfg: Config, types: Sequence[NodeType], gpu: bool, num_samples: Optional[int] = None) -> SweepPlan:
+def sweep_plan(cfg: Config, types: Sequence[NodeType], gpu: bool, num_samples: int | None = None) -> SweepPlan:
     """Every bundle of the sweep against ``types``; the trials that may run at once. Raises one
     ``ResourceError`` line naming the bundle that can never be placed."""
     trial = trial_bundles(cfg, gpu)
@@ -277,6 +278,22 @@ def sweep_plan(cfg: Config, types: Sequence[NodeType], gpu: bool, num_samples: O
     return SweepPlan(tuple(types), tuple(trial), want or max(1, min(fit, limit)))
 
 
-__all__ = ["Bundle", "NodeType", "ResourceError", "SweepPlan", "cluster_node_types", "cluster_yaml_path",
-           "data_actor_resources", "live_node_types", "max_trials", "merge_live", "not_live_yet", "node_types_from_yaml", "pack",
-           "sweep_plan", "trial_bundles", "upstream_bundle", "upstream_cpus"]
+__all__ = [
+    "Bundle",
+    "NodeType",
+    "ResourceError",
+    "SweepPlan",
+    "cluster_node_types",
+    "cluster_yaml_path",
+    "data_actor_resources",
+    "live_node_types",
+    "max_trials",
+    "merge_live",
+    "node_types_from_yaml",
+    "not_live_yet",
+    "pack",
+    "sweep_plan",
+    "trial_bundles",
+    "upstream_bundle",
+    "upstream_cpus",
+]

@@ -134,7 +134,7 @@ def _claim_note(profiles: tuple[str, ...], profile: str) -> str:
     if not profiles:
         return ""
     if profile in profiles:
-        return f" (profile {profile!r}, one the space is for: an override or --config changed a key it is checked against)"
+        return f" (with profile {profile!r}, which the space claims to fit)"
     fits = [n for n in list_search_spaces() if profile in _declared_profiles(n)]
     hint = f"; for {profile!r} use tune.search_space={' or '.join(fits)}" if fits else ""
     return f" (the space is for profiles {', '.join(profiles)}, not {profile!r}{hint})"
