@@ -123,6 +123,7 @@ RULES: dict[str, Rule] = {
                                   "list at least one severity, each in 1..5"),
     "eval.shift_examples": at_least(0, "0 = the whole validation split"),
     **_each("tune", "num_samples train_workers cpus_per_worker upstream_workers", at_least(1)),
+    "tune.data_gpus": within(0, 1, why="a share of one GPU"),
     "tune.references": Rule(lambda ms: all(m in _methods() for m in ms), "a list of registered augmentation methods",
                             names=_methods),
     "benchmark.seeds": Rule(lambda s: len(s) >= 1, "list at least one seed"),

@@ -104,7 +104,9 @@ class RobustConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    eps: float = 0.5  # initial / fixed latent l_inf budget (in units of the direction basis)
+    # The latent budget's one unit (eps, rho, eps_cap, eval.natural_eps): standard deviations of
+    # the latent data along each direction (Directions.scales), |r_i| <= eps for every direction.
+    eps: float = 0.5  # initial / fixed l_inf budget on the edit coefficients
     rho: float = 0.1  # APT step
     eps_cap: float = 2.0  # APT truncation
     apt: bool = True  # False = NaTra-OA
@@ -239,12 +241,19 @@ class TuneConfig:
     # every level; counting 1 for each would need 3 CPUs per trial and deadlock a 2-core box.
     driver_cpus: float = 0.5
     data_cpus: float = 0.5
+    # GPU share of that actor when trials train on GPUs (0 = it decodes on its CPUs): a whole GPU
+    # would sit beside every trial's workers mostly idle, and counts against the GPU budget.
+    data_gpus: float = 0.0
     data_stream: bool = True  # feed classifier workers through Ray Data (False: in-memory)
     max_failures: int = 2  # Ray Train FailureConfig: worker restarts from the last checkpoint
     # Reference classifiers every sweep trains at the trials' own budget (distributed/references.py):
     # the summary shows beside the trials what the natural-transformation training bought.
     references: tuple[str, ...] = ("none", "classic")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    # The autoscaler's config (Ray cluster YAML): the pre-check counts the nodes its
+    # available_node_types can add, not only the live ones. "" = ~/ray_bootstrap_config.yaml
+    # when present (the head of a `ray up` cluster), else the live nodes alone.
+    cluster_yaml: str = ""
     storage_path: str = ""  # "" = ~/natra_ray_results (absolute, survives `ray job submit`)
 
     @property

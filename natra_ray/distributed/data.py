@@ -71,10 +71,13 @@ def training_stream(ds: ImageDataset, job: Any, use_gpu: bool = False):
     blocks = to_ray_dataset(ds, rows_per_block=cfg.robust.batch_size, with_index=True).randomize_block_order()
     if not method_needs(cfg.robust.method).random_decode:
         return blocks
+    from natra_ray.distributed.resources import data_actor_resources
+
+    res = data_actor_resources(cfg, use_gpu)  # what the sweep's pre-check budgeted for it
     return blocks.map_batches(
         LatentAugmenter, fn_constructor_kwargs={"job": job},
         batch_size=cfg.robust.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0 if use_gpu else cfg.tune.data_cpus, num_gpus=1 if use_gpu else 0,
+        num_cpus=res["CPU"], num_gpus=res["GPU"],
     )
 
 

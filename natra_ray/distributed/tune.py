@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,10 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from natra_ray.config import Config, ConfigError
 from natra_ray.distributed import console
+from natra_ray.distributed.resources import ResourceError  # noqa: F401  (callers catch it from here)
+from natra_ray.distributed.resources import (NodeType, SweepPlan, cluster_node_types, cluster_yaml_path, fmt,
+                                             live_node_types, max_trials, node_types_from_yaml, not_live_yet,
+                                             sweep_plan, trial_bundles)
 from natra_ray.distributed.results import SUMMARY_METRICS, pareto_front, pareto_png, summary_table
 from natra_ray.search_space import SearchSpace, load_search_space
 from natra_ray.workflow.layout import StorageLayout
@@ -31,45 +34,35 @@ from natra_ray.workflow.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-class ResourceError(ConfigError):
-    """The requested trial shape can never fit the cluster."""
-
 
 # --------------------------------------------------------------------------- resources
+# The pure rules are distributed/resources.py's; these two name a one-node CPU cluster.
 def trial_cpus(cfg: Config) -> float:
-    t = cfg.tune
-    if t.inline:  # the trial's process is its only worker
-        return float(t.cpus_per_worker)
-    return t.driver_cpus + t.train_workers * t.cpus_per_worker + (t.data_cpus if t.data_stream else 0.0)
+    return sum(b.resources.get("CPU", 0.0) * b.count for b in trial_bundles(cfg, gpu=False))
+
+
+def max_concurrent(cfg: Config, cluster_cpus: float) -> int:
+    """Trials that fit at once on ``cluster_cpus`` CPUs; a trial that can never fit is an error."""
+    types = [NodeType("cluster", {"CPU": cluster_cpus}, 1)]
+    sweep_plan(cfg, types, gpu=False)  # raises when one trial can never fit
+    return cfg.tune.max_concurrent_trials or max_trials(trial_bundles(cfg, gpu=False), types, limit=1024)
+
+
+def precheck_cluster(cfg: Config, nodes, num_samples: Optional[int] = None) -> SweepPlan:
+    """The sweep's resource check: the live ``nodes`` (``ray.nodes()``) and what the autoscaler's
+    node types can add, against every bundle the sweep asks for (``resources.sweep_plan``)."""
+    from natra_ray.distributed.train import use_gpu
+
+    return sweep_plan(cfg, cluster_node_types(cfg, nodes), use_gpu(cfg), num_samples)
 
 
 def trial_resources(cfg: Config) -> Dict[str, float]:
-    """What Tune reserves for the trial's own process (a TorchTrainer's workers ask for theirs)."""
+    """What Tune reserves for the trial's own process: the first of its bundles (inline, the
+    whole trial; else its driver, whose TorchTrainer asks for the workers' own)."""
     from natra_ray.distributed.train import use_gpu
 
-    if cfg.tune.inline:
-        return {"CPU": float(cfg.tune.cpus_per_worker), **({"GPU": 1.0} if use_gpu(cfg) else {})}
-    return {"CPU": cfg.tune.driver_cpus}
-
-
-def max_concurrent(cfg: Config, cluster_cpus: float, autoscaling: bool = False) -> int:
-    """Trials that fit at once; a trial that can never fit is an error before anything starts."""
-    need = trial_cpus(cfg)
-    if need > cluster_cpus + 1e-9 and not autoscaling:
-        raise ResourceError(
-            f"one trial needs {need:g} CPUs ({_shape(cfg)}) but the cluster has "
-            f"{cluster_cpus:g}; lower tune.train_workers / tune.cpus_per_worker or add nodes")
-    if cfg.tune.max_concurrent_trials > 0:
-        return cfg.tune.max_concurrent_trials
-    return max(1, int(math.floor(cluster_cpus / need + 1e-9)))
-
-
-def _shape(cfg: Config) -> str:
-    t = cfg.tune
-    if t.inline:
-        return f"trained inline in the trial's process, tune.cpus_per_worker={t.cpus_per_worker}"
-    return (f"driver {t.driver_cpus:g} + {t.train_workers} Train workers x {t.cpus_per_worker} + "
-            f"Data {t.data_cpus if t.data_stream else 0:g}")
+    own = trial_bundles(cfg, use_gpu(cfg))[0].resources
+    return {k: v for k, v in own.items() if v}
 
 
 # --------------------------------------------------------------------------- the trial
@@ -148,10 +141,17 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
                                         "start over in the new store without --resume, or with another tune.name")
     if uri:  # a given store must answer (the default SQLite file is created below)
         check_tracking(uri)
+    declared = cluster_yaml_path(cfg)
+    if declared:  # a bad cluster config fails before Ray starts
+        node_types_from_yaml(declared)
     init_ray(cfg)
-    total_cpus = float(ray.cluster_resources().get("CPU", 0))
-    concurrent = max_concurrent(cfg, total_cpus)
-    log.info("cluster: %g CPUs; each trial needs %g -> %d concurrent trial(s)", total_cpus, trial_cpus(cfg), concurrent)
+    plan = precheck_cluster(cfg, ray.nodes(), num_samples)
+    concurrent = plan.concurrent
+    log.info("%s", plan.describe())
+    waiting = not_live_yet(plan.trial, live_node_types(ray.nodes()))
+    if waiting:  # fine on an autoscaling cluster; without an autoscaler they would wait forever
+        log.warning("no live node holds the %s yet: they start once the autoscaler adds one",
+                    ", ".join(f"{b.name} ({fmt(b.resources)})" for b in waiting))
     tracker = SweepTracker.from_config(cfg, check=not uri)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 

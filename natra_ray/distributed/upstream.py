@@ -47,16 +47,18 @@ def prepare_upstream(cfg: Config, layout: StorageLayout, gan_report_every: int =
     return up
 
 
-def upstream_scaling_config(cfg: Config, node_cpus: float):
-    """GAN / BIES workers: nothing else runs before the trials, so by default one worker
-    takes a whole node's CPUs (at most 8) with one torch thread per CPU."""
+def upstream_scaling_config(cfg: Config, node_types):
+    """GAN / BIES workers: nothing else runs before the trials, so by default each takes a
+    whole host node's CPUs (at most 8; a GPU node's when they train on GPUs) with one torch
+    thread per CPU (``resources.upstream_bundle``; ``node_types``: the cluster's)."""
     from ray.train import ScalingConfig
 
+    from natra_ray.distributed.resources import upstream_bundle
+
     gpu = use_gpu(cfg)
-    workers = cfg.tune.upstream_workers
-    cpus = cfg.tune.upstream_cpus_per_worker or max(1, min(8, int(node_cpus // workers)))
-    return ScalingConfig(num_workers=workers, use_gpu=gpu,
-                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if gpu else {})})
+    bundle = upstream_bundle(cfg, gpu, node_types)
+    return ScalingConfig(num_workers=bundle.count, use_gpu=gpu,
+                         resources_per_worker={k: v for k, v in bundle.resources.items() if v > 0})
 
 
 def _worker_setup(config: Dict[str, Any]):
@@ -141,10 +143,14 @@ def _run_upstream_trainer(loop, cfg: Config, run_name: str, storage_path: Path, 
 
     from natra_ray.distributed.console import train_logging_config
 
-    scaling = upstream_scaling_config(cfg, largest_node_cpus())
+    import ray
+
+    from natra_ray.distributed.resources import cluster_node_types
+
+    scaling = upstream_scaling_config(cfg, cluster_node_types(cfg, ray.nodes()))
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"cfg": cfg, "threads": scaling.resources_per_worker["CPU"], **loop_config},
+        train_loop_config={"cfg": cfg, "threads": int(scaling.resources_per_worker["CPU"]), **loop_config},
         scaling_config=scaling,
         run_config=RunConfig(name=run_name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.tune.max_failures),

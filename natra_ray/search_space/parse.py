@@ -23,6 +23,7 @@ from natra_ray.config import (
     ConfigError,
     coerce,
     field_type,
+    list_profiles,
     type_name,
 )
 from natra_ray.search_space.checks import check_values
@@ -44,7 +45,7 @@ _SPEC_KEYS = {
     "categorical": {"type", "choices", "when"},
     "fixed": {"type", "value", "fixed", "when"},
 }
-_TOP_KEYS = {"params", "objectives", "description"}
+_TOP_KEYS = {"params", "objectives", "description", "profiles"}
 _MODES = ("max", "min")
 
 
@@ -103,6 +104,7 @@ def search_space_from_dict(raw: Any, base: Config, name: str = "<dict>", source:
     if not isinstance(description, str):
         fail("'description' must be a string")
 
+    profiles = _parse_profiles(raw.get("profiles"), fail)
     flat = base.flat()
     params: dict[str, ParamSpec] = {}
     for key, spec in params_raw.items():
@@ -110,10 +112,41 @@ def search_space_from_dict(raw: Any, base: Config, name: str = "<dict>", source:
     _check_conditions(params, fail)
     objectives = _parse_objectives(raw.get("objectives"), base, fail)
     space = SearchSpace(name=name, params=params, objectives=objectives, source=source,
-                        description=description)
+                        description=description, profiles=profiles)
     space.sampling_order()  # proves the order exists
-    check_values(space, base, fail)
+    check_values(space, base, lambda msg: fail(msg + _claim_note(profiles, base.profile)))
     return space
+
+
+def _parse_profiles(raw: Any, fail) -> tuple[str, ...]:
+    """``profiles: [smoke, cpu]``: the profiles whose base config the space is sized for (tests
+    load every shipped space with each profile it names)."""
+    if raw is None:
+        return ()
+    known = list_profiles()
+    if not isinstance(raw, list) or not raw or any(p not in known for p in raw):
+        fail(f"'profiles' must be a non-empty list of profile names (known: {', '.join(known)}); got {raw!r}")
+    return tuple(raw)
+
+
+def _claim_note(profiles: tuple[str, ...], profile: str) -> str:
+    """Said after a rule a space breaks, when the space names the profiles it is for."""
+    if not profiles:
+        return ""
+    if profile in profiles:
+        return f" (with profile {profile!r}, which the space claims to fit)"
+    fits = [n for n in list_search_spaces() if profile in _declared_profiles(n)]
+    hint = f"; for {profile!r} use tune.search_space={' or '.join(fits)}" if fits else ""
+    return f" (the space is for profiles {', '.join(profiles)}, not {profile!r}{hint})"
+
+
+def _declared_profiles(name: str) -> tuple[str, ...]:
+    try:
+        raw = yaml.safe_load((SEARCH_SPACE_DIR / f"{name}.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return ()
+    got = raw.get("profiles") if isinstance(raw, Mapping) else None
+    return tuple(got) if isinstance(got, list) else ()
 
 
 # --------------------------------------------------------------------------- one parameter

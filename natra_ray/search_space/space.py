@@ -110,6 +110,7 @@ class SearchSpace:
     objectives: tuple[Objective, ...]
     source: str = ""  # the YAML file it came from ("" when built from a dict)
     description: str = ""
+    profiles: tuple[str, ...] = ()  # the profiles it is sized for ("profiles:" in the YAML)
 
     # ----------------------------------------------------------------- introspection
     def param_names(self) -> list[str]:
@@ -157,6 +158,8 @@ class SearchSpace:
             d["description"] = self.description
         d["params"] = {k: p.to_dict() for k, p in self.params.items()}
         d["objectives"] = [{"metric": o.metric, "mode": o.mode} for o in self.objectives]
+        if self.profiles:
+            d["profiles"] = list(self.profiles)
         return d
 
     # ----------------------------------------------------------------- sampling
