@@ -195,3 +195,56 @@ def test_bad_files_fail_in_one_line_saying_what_to_do(tmp_path, fm, case):
     assert "\n" not in msg, msg
     for w in want:
         assert w in msg, (w, msg)
+
+
+# --------------------------------------------------------------------------- Ray Data
+@pytest.mark.ray
+def test_ray_data_stream_decodes_in_tasks_the_rows_the_trial_trains_on(ray_session, hf_folder, binary_file):
+    """Every epoch's stream holds each training example once, with the pixels and label that
+    ``load_splits`` gives the same position (the key of its latent codes and APT budget)."""
+    from natra_ray.config import load_config
+    from natra_ray.distributed.data import parquet_stream
+    from natra_ray.workflow.upstream import load_splits
+
+    for root in (hf_folder, f"file://{binary_file}"):
+        cfg = load_config("smoke", overrides={"data.dataset": "parquet", "data.root": str(root),
+                                              "data.train_subset": 200})
+        train = load_splits(cfg)["train"]
+        rows = parquet_stream(cfg, len(train), rows_per_block=32).take_all()
+        idx = np.array([r["idx"] for r in rows])
+        assert sorted(idx.tolist()) == list(range(len(train)))
+        images = torch.from_numpy(np.stack([r["image"] for r in rows]))
+        assert images.dtype == torch.float32 and images.shape[1:] == (1, 32, 32)
+        assert torch.equal(images, train.images[idx])
+        assert torch.equal(torch.tensor([r["label"] for r in rows]), train.labels[idx])
+
+
+def _env(ray_cluster) -> dict:
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token"}
+    for k in ("MLFLOW_TRACKING_URI", "NATRA_VERBOSE", "NATRA_DATA_DIR"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_on_a_parquet_dataset_lands_in_mlflow(ray_cluster, tmp_path, smoke_storage, hf_folder):
+    """The real job, --profile smoke, on the Hugging Face layout: the classifier workers read the
+    Parquet stream, and the trial's run lands in MLflow with the dataset it trained on."""
+    import mlflow
+
+    from natra_ray.distributed.tracking import _fluent_target
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, str(REPO / "jobs" / "tune_natra.py"), "--profile", "smoke", "tune.search_space=smoke",
+           "tune.name=parquet", f"tune.storage_path={smoke_storage}", f"tracking.uri={uri}", "tune.num_samples=1",
+           "data.dataset=parquet", f"data.root={hf_folder}", "data.train_subset=256", "data.test_subset=64"]
+    proc = subprocess.run(cmd, env=_env(ray_cluster), capture_output=True, text=True, timeout=1500, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with _fluent_target(uri):
+        exp = mlflow.get_experiment_by_name("parquet")
+        runs = mlflow.search_runs([exp.experiment_id])
+    trials = runs[runs["tags.natra.role"] == "trial"]
+    assert (trials["status"] == "FINISHED").sum() == 1, runs[["run_id", "status"]]
+    done = trials[trials["status"] == "FINISHED"].iloc[0]
+    assert done["params.data.dataset"] == "parquet" and 0 <= done["metrics.test_clean_acc"] <= 1

@@ -274,37 +274,22 @@ def decode_images(blobs: Sequence[Optional[bytes]], channels: int, where: Sequen
     return out if out is not None else np.zeros((0, channels, 1, 1), np.uint8)
 
 
-def read_rows(pf, row_group: int, cfg: DataConfig) -> Tuple[list, np.ndarray]:
-    """(encoded images, raw label values) of one row group of the open Parquet file ``pf``."""
-    t = pf.read_row_group(row_group, columns=[cfg.image_column, cfg.label_column])
-    return image_bytes(t.column(cfg.image_column)), t.column(cfg.label_column).to_numpy()
+def read_images(pf, row_group: int, cfg: DataConfig) -> list:
+    """The encoded images of one row group of the open Parquet file ``pf`` (labels come from the
+    :class:`Layout`, read once)."""
+    return image_bytes(pf.read_row_group(row_group, columns=[cfg.image_column]).column(0))
 
 
 def _decode_split(lay: Layout, cfg: DataConfig, split: str,
                   first: Optional[Tuple[str, Tuple[int, int]]]) -> np.ndarray:
     """uint8 images of ``split``'s rows in order, decoded one row group at a time."""
-    fs, _ = open_root(lay.root)
-    pooled = lay.rows[split]
-    fi, local = lay.locate(pooled)
     out: Optional[np.ndarray] = None
-    for k, f in enumerate(lay.files):
-        mine = np.flatnonzero(fi == k)
-        if not len(mine):
-            continue
-        bounds = np.cumsum((0,) + f.row_group_rows)
-        pf = _open(fs, f.path)
-        for g in range(len(f.row_group_rows)):
-            sel = mine[(local[mine] >= bounds[g]) & (local[mine] < bounds[g + 1])]
-            if not len(sel):
-                continue
-            blobs, _ = read_rows(pf, g, cfg)
-            rows = local[sel] - bounds[g]
-            u8 = decode_images([blobs[r] for r in rows], cfg.channels,
-                               [f"{f.path} row {bounds[g] + r}" for r in rows], first)
-            if out is None:
-                out = np.empty((len(pooled), *u8.shape[1:]), dtype=np.uint8)
-                first = (f"{f.path} row {bounds[g] + rows[0]}", u8.shape[2:])
-            out[sel] = u8
+    for unit in row_group_units(lay, lay.rows[split]):
+        u8 = decode_unit(lay.root, cfg, unit, first)
+        if out is None:
+            out = np.empty((len(lay.rows[split]), *u8.shape[1:]), dtype=np.uint8)
+            first = first or (f"{unit['file']} row {int(unit['start']) + int(unit['rows'][0])}", u8.shape[2:])
+        out[unit["idx"]] = u8
     if out is None:
         return np.zeros((0, cfg.channels, *(first[1] if first else (1, 1))), np.uint8)
     return out
@@ -324,3 +309,35 @@ def read_parquet(cfg: DataConfig) -> RawSplits:
     key = DataConfig(dataset="parquet", root=lay.root, channels=cfg.channels,
                      image_column=cfg.image_column, label_column=cfg.label_column)
     return _read_cached(lay, key)
+
+
+# --------------------------------------------------------------------------- row-group units
+def row_group_units(lay: Layout, pooled: np.ndarray) -> List[Dict[str, object]]:
+    """The reads behind rows ``pooled`` (pooled row numbers; example ``i`` of a split is
+    ``pooled[i]``): one unit per row group holding any of them, ``{"file", "group", "start" (the
+    group's first row in the file), "rows" (within the group), "idx" (their positions in ``pooled``),
+    "label" (their class indices)}``. A unit reads its row group once."""
+    pooled = np.asarray(pooled, dtype=np.int64)
+    fi, local = lay.locate(pooled)
+    units: List[Dict[str, object]] = []
+    for k, f in enumerate(lay.files):
+        mine = np.flatnonzero(fi == k)
+        bounds = np.cumsum((0,) + f.row_group_rows)
+        group = np.searchsorted(bounds, local[mine], side="right") - 1
+        for g in np.unique(group):
+            sel = mine[group == g]
+            units.append({"file": f.path, "group": int(g), "start": int(bounds[g]),
+                          "rows": (local[sel] - bounds[g]).tolist(), "idx": sel.tolist(),
+                          "label": lay.labels[pooled[sel]].tolist()})
+    return units
+
+
+def decode_unit(root: str, cfg: DataConfig, unit: Dict[str, object],
+                first: Optional[Tuple[str, Tuple[int, int]]] = None) -> np.ndarray:
+    """uint8 images ``(n, C, H, W)`` of one :func:`row_group_units` unit, in its ``rows`` order
+    (``first``: as :func:`decode_images`)."""
+    fs, _ = open_root(root)
+    blobs = read_images(_open(fs, str(unit["file"])), int(unit["group"]), cfg)
+    rows = [int(r) for r in unit["rows"]]
+    where = [f"{unit['file']} row {int(unit['start']) + r}" for r in rows]
+    return decode_images([blobs[r] for r in rows], cfg.channels, where, first)

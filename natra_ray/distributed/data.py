@@ -11,7 +11,8 @@ so it stays in the worker (an actor cannot hold weights that change every step).
 The split is cut into one block per batch: the actor streams block by block, so the first
 batch reaches the worker after one decode rather than after the whole epoch's (bench/
 bench_stream.py measured 28.6 s of idle worker per epoch with a single block), and the block
-order is shuffled every epoch.
+order is shuffled every epoch. A ``data.dataset=parquet`` split is not copied from memory:
+Ray Data tasks read and decode its files' row groups (``parquet_stream``).
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ def training_stream(ds: ImageDataset, job: Any, use_gpu: bool = False):
 
     quiet_ray_data()  # one line per batch per operator floods job logs; the trial has its own bar
     cfg = job.cfg
-    blocks = to_ray_dataset(ds, rows_per_block=cfg.robust.batch_size, with_index=True).randomize_block_order()
+    if cfg.data.dataset == "parquet":  # read from the files in the Data tasks, not from ``ds``
+        blocks = parquet_stream(cfg, len(ds), rows_per_block=cfg.robust.batch_size)
+    else:
+        blocks = to_ray_dataset(ds, rows_per_block=cfg.robust.batch_size, with_index=True).randomize_block_order()
     if not method_needs(cfg.robust.method).random_decode:
         return blocks
     return blocks.map_batches(
@@ -76,6 +80,52 @@ def training_stream(ds: ImageDataset, job: Any, use_gpu: bool = False):
         batch_size=cfg.robust.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0 if use_gpu else cfg.tune.data_cpus, num_gpus=1 if use_gpu else 0,
     )
+
+
+def parquet_stream(cfg: Any, n_expected: int, rows_per_block: int = 512):
+    """Rows ``{"image": float32 (C, S, S), "label", "idx"}`` of the trial's train split of a
+    ``data.dataset=parquet`` dataset, read and decoded in Ray Data tasks one Parquet row group at a
+    time (``data.parquet.row_group_units``) and preprocessed as ``load_dataset`` does; ``idx`` is
+    the row's position in ``load_splits(cfg)["train"]`` (``n_expected`` rows, checked).
+
+    Why not ``ray.data.read_parquet``: its rows do not say where in their file they came from,
+    and the per-example state (latent codes, APT budgets) is keyed by that position. A unit reads
+    only the row groups that hold the split's rows; the unit order is shuffled every epoch, and the
+    rows inside a unit too (files sorted by class would otherwise give one-class batches)."""
+    import ray.data
+
+    from natra_ray.data import parquet
+    from natra_ray.data.datasets import split_indices
+    from natra_ray.workflow.upstream import UPSTREAM_SEED
+
+    lay = parquet.layout(cfg.data)
+    n_train, n_test = len(lay.rows["train"]), len(lay.rows["test"])
+    pooled = lay.rows["train"][split_indices(n_train, n_test, cfg.data, "train", UPSTREAM_SEED)]
+    if len(pooled) != n_expected:
+        raise RuntimeError(f"the Parquet stream has {len(pooled)} training rows but the trial's split "
+                           f"{n_expected}: {cfg.data.root} changed while the sweep ran")
+    units = parquet.row_group_units(lay, pooled)
+    return ray.data.from_items(units, override_num_blocks=len(units)).randomize_block_order().map_batches(
+        _decode_units, fn_kwargs={"root": lay.root, "data": cfg.data, "rows_per_block": rows_per_block},
+        batch_size=1, batch_format="numpy", num_cpus=cfg.tune.data_cpus)
+
+
+def _decode_units(batch: Dict[str, np.ndarray], root: str, data: Any, rows_per_block: int):
+    """map_batches: row-group units in, their rows decoded to the models' input out (in blocks of
+    ``rows_per_block``, each unit's rows in a fresh random order)."""
+    from natra_ray.data import parquet
+    from natra_ray.data.datasets import READERS, to_float_images
+
+    pad = bool(READERS.meta("parquet")["pad_28_to_32"])
+    for i in range(len(batch["file"])):
+        unit = {k: batch[k][i] for k in batch}
+        u8 = parquet.decode_unit(root, data, unit)
+        order = np.random.default_rng().permutation(len(u8))
+        u8, idx, label = u8[order], np.asarray(unit["idx"], np.int64)[order], np.asarray(unit["label"], np.int64)[order]
+        for s in range(0, len(u8), rows_per_block):
+            sl = slice(s, s + rows_per_block)
+            x = to_float_images(u8[sl], data.image_size, data.channels, pad_28_to_32=pad)
+            yield {"image": x.numpy(), "label": label[sl], "idx": idx[sl]}
 
 
 def ingest_config():
