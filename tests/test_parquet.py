@@ -219,6 +219,31 @@ def test_ray_data_stream_decodes_in_tasks_the_rows_the_trial_trains_on(ray_sessi
         assert torch.equal(torch.tensor([r["label"] for r in rows]), train.labels[idx])
 
 
+@pytest.mark.ray
+def test_image_folder_stream_reads_the_files_with_read_images(ray_session, tmp_path, fm):
+    """A class-per-folder dataset through ``ray.data.read_images``: the same rows, pixels (resized
+    as the in-process reader resizes) and labels as ``load_splits``."""
+    from PIL import Image
+
+    from natra_ray.config import load_config
+    from natra_ray.distributed.data import image_folder_stream
+    from natra_ray.workflow.upstream import load_splits
+
+    (xtr, ytr), _, names = fm
+    for i in range(90):
+        d = tmp_path / f"class_{ytr[i] % 3}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(xtr[i]).save(d / f"{i:03d}.png")
+    cfg = load_config("smoke", overrides={"data.dataset": "image_folder", "data.root": str(tmp_path),
+                                          "data.train_subset": 0})
+    train = load_splits(cfg)["train"]
+    rows = image_folder_stream(cfg, len(train), rows_per_block=16).take_all()
+    idx = np.array([r["idx"] for r in rows])
+    assert sorted(idx.tolist()) == list(range(len(train)))
+    assert torch.equal(torch.from_numpy(np.stack([r["image"] for r in rows])), train.images[idx])
+    assert torch.equal(torch.tensor([r["label"] for r in rows]), train.labels[idx])
+
+
 def _env(ray_cluster) -> dict:
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token"}
     for k in ("MLFLOW_TRACKING_URI", "NATRA_VERBOSE", "NATRA_DATA_DIR"):

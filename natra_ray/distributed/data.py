@@ -11,8 +11,8 @@ so it stays in the worker (an actor cannot hold weights that change every step).
 The split is cut into one block per batch: the actor streams block by block, so the first
 batch reaches the worker after one decode rather than after the whole epoch's (bench/
 bench_stream.py measured 28.6 s of idle worker per epoch with a single block), and the block
-order is shuffled every epoch. A ``data.dataset=parquet`` split is not copied from memory:
-Ray Data tasks read and decode its files' row groups (``parquet_stream``).
+order is shuffled every epoch. A Parquet or image-folder split is not copied from memory: Ray
+Data tasks read and decode its files (``parquet_stream``, ``image_folder_stream``).
 """
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ def training_stream(ds: ImageDataset, job: Any, use_gpu: bool = False):
     cfg = job.cfg
     if cfg.data.dataset == "parquet":  # read from the files in the Data tasks, not from ``ds``
         blocks = parquet_stream(cfg, len(ds), rows_per_block=cfg.robust.batch_size)
+    elif cfg.data.dataset == "image_folder":
+        blocks = image_folder_stream(cfg, len(ds), rows_per_block=cfg.robust.batch_size)
     else:
         blocks = to_ray_dataset(ds, rows_per_block=cfg.robust.batch_size, with_index=True).randomize_block_order()
     if not method_needs(cfg.robust.method).random_decode:
@@ -95,15 +97,9 @@ def parquet_stream(cfg: Any, n_expected: int, rows_per_block: int = 512):
     import ray.data
 
     from natra_ray.data import parquet
-    from natra_ray.data.datasets import split_indices
-    from natra_ray.workflow.upstream import UPSTREAM_SEED
 
     lay = parquet.layout(cfg.data)
-    n_train, n_test = len(lay.rows["train"]), len(lay.rows["test"])
-    pooled = lay.rows["train"][split_indices(n_train, n_test, cfg.data, "train", UPSTREAM_SEED)]
-    if len(pooled) != n_expected:
-        raise RuntimeError(f"the Parquet stream has {len(pooled)} training rows but the trial's split "
-                           f"{n_expected}: {cfg.data.root} changed while the sweep ran")
+    pooled = lay.rows["train"][_trial_rows(cfg, len(lay.rows["train"]), len(lay.rows["test"]), n_expected)]
     units = parquet.row_group_units(lay, pooled)
     return ray.data.from_items(units, override_num_blocks=len(units)).randomize_block_order().map_batches(
         _decode_units, fn_kwargs={"root": lay.root, "data": cfg.data, "rows_per_block": rows_per_block},
@@ -126,6 +122,51 @@ def _decode_units(batch: Dict[str, np.ndarray], root: str, data: Any, rows_per_b
             sl = slice(s, s + rows_per_block)
             x = to_float_images(u8[sl], data.image_size, data.channels, pad_28_to_32=pad)
             yield {"image": x.numpy(), "label": label[sl], "idx": idx[sl]}
+
+
+def _trial_rows(cfg: Any, n_train: int, n_test: int, n_expected: int) -> np.ndarray:
+    """Which of the reader's training examples the trial trains on, in ``load_splits`` order."""
+    from natra_ray.data.datasets import split_indices
+    from natra_ray.workflow.upstream import UPSTREAM_SEED
+
+    rows = split_indices(n_train, n_test, cfg.data, "train", UPSTREAM_SEED)
+    if len(rows) != n_expected:
+        raise RuntimeError(f"the stream has {len(rows)} training rows but the trial's split {n_expected}: "
+                           f"{cfg.data.root} changed while the sweep ran")
+    return rows
+
+
+def image_folder_stream(cfg: Any, n_expected: int, rows_per_block: int = 512):
+    """Rows ``{"image", "label", "idx"}`` of the trial's train split of a class-per-folder dataset,
+    read with ``ray.data.read_images`` and resized as the in-process reader does, in Data tasks.
+    ``idx`` (the row's position in ``load_splits(cfg)["train"]``) comes from the file's path."""
+    import ray.data
+
+    from natra_ray.data import image_folder
+
+    _, train, test = image_folder.split_listings(cfg.data)
+    rows = _trial_rows(cfg, len(train), len(test), n_expected)
+    files = [str(train[r][0]) for r in rows]
+    index = {f: (i, train[r][1]) for i, (f, r) in enumerate(zip(files, rows))}
+    mode = "L" if cfg.data.channels == 1 else "RGB"
+    return ray.data.read_images(files, include_paths=True, mode=mode, num_cpus=cfg.tune.data_cpus,
+                                override_num_blocks=max(1, len(files) // rows_per_block)
+                                ).randomize_block_order().map_batches(
+        _fit_folder_images, fn_kwargs={"index": index, "image_size": cfg.data.image_size, "channels": cfg.data.channels},
+        batch_format="numpy", num_cpus=cfg.tune.data_cpus)
+
+
+def _fit_folder_images(batch: Dict[str, np.ndarray], index: Dict[str, Any], image_size: int, channels: int):
+    from PIL import Image
+
+    from natra_ray.data.datasets import to_float_images
+    from natra_ray.data.image_folder import fit_image
+
+    u8 = np.stack([np.asarray(fit_image(Image.fromarray(np.asarray(x)), image_size)) for x in batch["image"]])
+    u8 = u8[:, None] if u8.ndim == 3 else u8.transpose(0, 3, 1, 2)
+    idx, label = zip(*(index[str(p)] for p in batch["path"]))
+    return {"image": to_float_images(u8, image_size, channels).numpy(),
+            "label": np.asarray(label, np.int64), "idx": np.asarray(idx, np.int64)}
 
 
 def ingest_config():
