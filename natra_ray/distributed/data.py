@@ -149,14 +149,15 @@ def image_folder_stream(cfg: Any, n_expected: int, rows_per_block: int = 512):
     files = [str(train[r][0]) for r in rows]
     index = {f: (i, train[r][1]) for i, (f, r) in enumerate(zip(files, rows))}
     mode = "L" if cfg.data.channels == 1 else "RGB"
-    return ray.data.read_images(files, include_paths=True, mode=mode, num_cpus=cfg.tune.data_cpus,
-                                override_num_blocks=max(1, len(files) // rows_per_block)
-                                ).randomize_block_order().map_batches(
-        _fit_folder_images, fn_kwargs={"index": index, "image_size": cfg.data.image_size, "channels": cfg.data.channels},
-        batch_format="numpy", num_cpus=cfg.tune.data_cpus)
+    read = ray.data.read_images(files, include_paths=True, mode=mode, num_cpus=cfg.tune.data_cpus,
+                                override_num_blocks=max(1, len(files) // rows_per_block))
+    fit = {"index": index, "image_size": cfg.data.image_size, "channels": cfg.data.channels}
+    return read.randomize_block_order().map_batches(_fit_folder_images, fn_kwargs=fit, batch_format="numpy",
+                                                    num_cpus=cfg.tune.data_cpus)
 
 
 def _fit_folder_images(batch: Dict[str, np.ndarray], index: Dict[str, Any], image_size: int, channels: int):
+    """map_batches: decoded files in, the models' input out, keyed by their path."""
     from PIL import Image
 
     from natra_ray.data.datasets import to_float_images
