@@ -142,7 +142,7 @@ def _write(path: Path, table) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_image", "missing_label", "string_labels", "undecodable", "null_image",
-                                  "mixed_sizes", "empty", "one_class", "not_parquet", "no_files", "missing_root"])
+                                  "mixed_sizes", "null_label", "empty", "one_class", "not_parquet", "no_files", "missing_root"])
 def test_bad_files_fail_in_one_line_saying_what_to_do(tmp_path, fm, case):
     from natra_ray.data.datasets import check_dataset
 
@@ -173,6 +173,9 @@ def test_bad_files_fail_in_one_line_saying_what_to_do(tmp_path, fm, case):
         blobs[5] = _png(np.zeros((30, 30), np.uint8))
         _write(f, pa.table({"image": pa.array(blobs), "label": pa.array(ytr[:20])}))
         want = ["images have mixed sizes", "is 28x28 but", "row 5 is 30x30"]
+    elif case == "null_label":
+        _write(f, good.set_column(1, "label", pa.array([None] + ytr[1:20].tolist(), pa.int64())))
+        want = ["1 rows have no label (null) in column 'label'"]
     elif case == "empty":
         _write(f, good.slice(0, 0))
         want = ["has no rows"]

@@ -9,10 +9,10 @@ URI that pyarrow opens (``file://``, ``s3://bucket/prefix``, ``gs://...``). The 
 - **Classes** are the label values: their sorted distinct values become the class indices
   0..K-1 (labels 3, 7, 9 train a 3-class classifier). A class is named after the value, or
   after the Hugging Face ``ClassLabel`` name the file's schema declares for it.
-- **Splits**: files whose name starts with ``train``/``test`` (Hugging Face's
-  ``train-00000-of-00001.parquet``) or that sit under a ``train/`` or ``test/`` folder are the
-  splits when both exist; otherwise every row is pooled and split 80/20 per class with a fixed
-  seed, as an image folder is (files of any other split, e.g. ``validation``, are left out then).
+- **Splits**: when some files are named ``train*`` and some ``test*`` (Hugging Face's
+  ``train-00000-of-00001.parquet``), or sit under ``train/`` and ``test/`` folders, those are the
+  splits and any other file (``validation-*``) is left out; otherwise every row is pooled and
+  split 80/20 per class with a fixed seed, as an image folder is.
 - **Memory**: the in-process reader (this module; pyarrow and PIL, no Ray) keeps the decoded
   pixels as uint8 at their stored size, one array per split: ``load_dataset`` converts only the
   examples a split asks for to float32. The Ray Data reader (``distributed/data.py``) reads the
@@ -210,7 +210,11 @@ def _layout_cached(root: str, signature: Tuple, image_column: str, label_column:
         md = f.metadata
         files.append(ParquetFile(path, md.num_rows, tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)),
                                  tag if use_tags else ""))
-        raw.append(f.read(columns=[label_column]).column(0).to_numpy(zero_copy_only=False).astype(np.int64))
+        col = f.read(columns=[label_column]).column(0)
+        if col.null_count:
+            raise DatasetError(f"{path}: {col.null_count} rows have no label (null) in column {label_column!r}; "
+                               "fix or drop them")
+        raw.append(col.to_numpy().astype(np.int64))
         names = names or _hf_names(f.schema_arrow, label_column)
     values = np.concatenate(raw) if raw else np.zeros(0, np.int64)
     if not len(values):
