@@ -13,14 +13,17 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
-    root: str = ""  # "" = NATRA_DATA_DIR, then the Debian location, then download
+    dataset: Literal["fashion_mnist", "image_folder", "parquet"] = "fashion_mnist"
+    root: str = ""  # "" = NATRA_DATA_DIR, then the Debian location, then download; parquet: a file, folder or URI
     download: bool = True  # fetch the official files when nothing is found locally
     image_size: int = 32  # Fashion-MNIST 28 px is zero-padded to 32 (generator needs 2^k)
     channels: int = 1
     train_subset: int = 0  # 0 = use the whole split; >0 = a fixed, class-balanced-ish subset
     test_subset: int = 0
     val_fraction: float = 0.1  # held out of train: Tune selects on it, never on test
+    # data.dataset=parquet: the column of encoded images (binary or {bytes, path}) and of integer labels
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,22 @@
 """The in-memory dataset type and ``load_dataset``: pick a reader, split, convert to floats.
 
-Readers (``fashion_mnist``, ``image_folder``) return whole splits as uint8 arrays and cache
-them in-process; this module selects the requested examples *before* converting to float32,
+Readers (``READERS``: ``fashion_mnist``, ``image_folder``, ``parquet``) return whole splits as
+uint8 arrays and cache them in-process; this module selects the requested examples *before* converting to float32,
 so a 512-example smoke run never materialises the 245 MB float copy of Fashion-MNIST.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from natra_ray.config import DataConfig
+from natra_ray.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -197,17 +198,36 @@ def split_indices(n_train: int, n_test: int, cfg: DataConfig, split: str, seed: 
 RawSplits = Tuple[Dict[str, Tuple[np.ndarray, np.ndarray]], List[str]]
 
 
+# Each reader says whether 28 px images are zero-padded to 32 (``pad_28_to_32``, see
+# :func:`to_float_images`) and where it reads from (``source``, for the dataset card).
+READERS: Registry[Callable[[DataConfig], RawSplits]] = Registry("dataset")
+
+
+@READERS.register("fashion_mnist", pad_28_to_32=True,
+                  source=lambda cfg: _module("fashion_mnist").locate(cfg)["train_images"].parent.resolve())
+def _read_fashion_mnist(cfg: DataConfig) -> RawSplits:
+    return _module("fashion_mnist").read_fashion_mnist(cfg)
+
+
+@READERS.register("image_folder", pad_28_to_32=False,
+                  source=lambda cfg: _module("image_folder")._resolve_root(cfg).resolve())
+def _read_image_folder(cfg: DataConfig) -> RawSplits:
+    return _module("image_folder").read_image_folder(cfg)
+
+
+@READERS.register("parquet", pad_28_to_32=True, source=lambda cfg: _module("parquet").layout(cfg).root)
+def _read_parquet(cfg: DataConfig) -> RawSplits:
+    return _module("parquet").read_parquet(cfg)
+
+
+def _module(name: str) -> Any:
+    """A reader module, imported on first use (each imports this module for DatasetError)."""
+    return importlib.import_module(f"natra_ray.data.{name}")
+
+
 def _read(cfg: DataConfig) -> Tuple[RawSplits, bool]:
     """Dispatch to the reader; returns ({"train"/"test": (uint8 images, labels)}, classes), pad flag."""
-    if cfg.dataset == "fashion_mnist":
-        from natra_ray.data.fashion_mnist import read_fashion_mnist
-
-        return read_fashion_mnist(cfg), True
-    if cfg.dataset == "image_folder":
-        from natra_ray.data.image_folder import read_image_folder
-
-        return read_image_folder(cfg), False
-    raise ValueError(f"data.dataset must be 'fashion_mnist' or 'image_folder'; got {cfg.dataset!r}")
+    return READERS.get(cfg.dataset)(cfg), bool(READERS.meta(cfg.dataset)["pad_28_to_32"])
 
 
 def check_dataset(cfg: DataConfig) -> Dict[str, int]:
@@ -265,14 +285,7 @@ def dataset_card(cfg: DataConfig, splits: Mapping[str, ImageDataset]) -> Dict[st
     ``split_sizes``, the native ``input_shape`` and the ``classes``."""
     import hashlib
 
-    if cfg.dataset == "fashion_mnist":
-        from natra_ray.data.fashion_mnist import locate
-
-        source = locate(cfg)["train_images"].parent
-    else:
-        from natra_ray.data.image_folder import _resolve_root
-
-        source = _resolve_root(cfg)
+    source = READERS.meta(cfg.dataset)["source"](cfg)
     h = hashlib.blake2b(digest_size=16)
     sizes: Dict[str, int] = {}
     names: List[str] = []
@@ -285,5 +298,5 @@ def dataset_card(cfg: DataConfig, splits: Mapping[str, ImageDataset]) -> Dict[st
         h.update(f"{split}:{len(ds)}:{tuple(ds.images.shape)}".encode())
         h.update(ds.labels.numpy().tobytes())
         h.update(ds.images.contiguous().numpy().tobytes())
-    return {"name": cfg.dataset, "source": str(Path(source).resolve()), "digest": h.hexdigest()[:16],
+    return {"name": cfg.dataset, "source": str(source), "digest": h.hexdigest()[:16],
             "split_sizes": sizes, "input_shape": list(input_spec(cfg).shape), "classes": names}

@@ -132,9 +132,7 @@ def _decode(listing: Listing, image_size: int, channels: int) -> Tuple[np.ndarra
                         )
                     if mode == "P" and "transparency" in img.info:
                         img = img.convert("RGBA")
-                    img = img.convert(target_mode)
-                    if img.size != (image_size, image_size):
-                        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                    img = fit_image(img.convert(target_mode), image_size)
                     arr = np.asarray(img, dtype=np.uint8)
         except DatasetError:
             raise
@@ -145,10 +143,8 @@ def _decode(listing: Listing, image_size: int, channels: int) -> Tuple[np.ndarra
     return out, labels
 
 
-@functools.lru_cache(maxsize=4)
-def _read_cached(root: str, signature: Tuple, image_size: int, channels: int) -> RawSplits:
-    del signature  # only part of the cache key: any added/removed/changed file re-reads
-    base = Path(root)
+def _listings(base: Path) -> Tuple[List[str], Listing, Listing]:
+    """(class names, train listing, test listing) of the folder ``base``."""
     train_dir, test_dir = base / "train", base / "test"
     if train_dir.is_dir() and test_dir.is_dir():
         class_names, train = _list(train_dir)
@@ -162,10 +158,30 @@ def _read_cached(root: str, signature: Tuple, image_size: int, channels: int) ->
         train, test = _split_80_20(listing, len(class_names))
         logger.info("image folder %s: %d classes, split %d/%d train/test with seed %d",
                     src, len(class_names), len(train), len(test), SPLIT_SEED)
+    return class_names, train, test
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(root: str, signature: Tuple, image_size: int, channels: int) -> RawSplits:
+    del signature  # only part of the cache key: any added/removed/changed file re-reads
+    class_names, train, test = _listings(Path(root))
     # decode both splits in one pass so the size/mode check spans every file
     images, labels = _decode(train + test, image_size, channels)
     n = len(train)
     return {"train": (images[:n], labels[:n]), "test": (images[n:], labels[n:])}, class_names
+
+
+def split_listings(cfg: DataConfig) -> Tuple[List[str], Listing, Listing]:
+    """(class names, train listing, test listing) of ``data.root``: the file behind each example
+    of the reader's splits, in their order (what a reader of the files elsewhere needs)."""
+    return _listings(_resolve_root(cfg).resolve())
+
+
+def fit_image(img: "Image.Image", image_size: int) -> "Image.Image":
+    """The reader's resize rule (bilinear to ``image_size`` square, when not already that size)."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return img
 
 
 def _signature(root: Path) -> Tuple:

@@ -32,7 +32,7 @@ from natra_ray.cache import content_key
 from natra_ray.config import Config, ConfigError
 from natra_ray.distributed import console
 from natra_ray.workflow.layout import StorageLayout
-from natra_ray.workflow.upstream import RETIRED_KEYS, Upstream
+from natra_ray.workflow.upstream import RETIRED_KEYS, Upstream, drop_added_defaults
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def setup_params(cfg: Config) -> Dict[str, Any]:
 
 def setup_key(cfg: Config) -> str:
     # With the retired keys' one value, as the cache keys do: results made before their removal resume.
-    return content_key({**setup_params(cfg), **RETIRED_KEYS})
+    return content_key({**drop_added_defaults(setup_params(cfg)), **RETIRED_KEYS})
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping
 from natra_ray.cache import content_key
 from natra_ray.config import Config
 from natra_ray.workflow.layout import StorageLayout
-from natra_ray.workflow.upstream import Upstream
+from natra_ray.workflow.upstream import Upstream, drop_added_defaults
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ def reference_config(cfg: Config, method: str) -> Config:
 
 def reference_key(cfg: Config) -> str:
     """What a reference's numbers depend on: everything but where and how the sweep runs."""
-    return content_key({k: v for k, v in cfg.flat().items() if not k.startswith(("tune.", "tracking."))})
+    return content_key({k: v for k, v in drop_added_defaults(cfg.flat()).items()
+                        if not k.startswith(("tune.", "tracking."))})
 
 
 def train_reference(cfg: Config, method: str, layout: StorageLayout, upstream: Upstream,

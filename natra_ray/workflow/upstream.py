@@ -39,11 +39,22 @@ NOT_TRAINING_DATA = ("test_subset", "download")
 # Config keys removed since cache entries were first keyed, with the only value they ever had:
 # the keys that hashed them still do, so every entry made before their removal stays valid.
 RETIRED_KEYS = {"data.num_workers": 0, "robust.clean_weight": 1.0}
+# Config keys added since, with their defaults: a key at its default stays out of every key, so
+# the entries made before it existed stay valid (and a changed value keys new ones).
+ADDED_KEYS = {"data.image_column": "image", "data.label_column": "label"}
+
+
+def drop_added_defaults(flat: Mapping[str, Any], section: str = "") -> Dict[str, Any]:
+    """``flat`` (``{"section.key": value}``, or one section's ``{key: value}`` when ``section`` names
+    it) without the ``ADDED_KEYS`` that hold their default."""
+    prefix = f"{section}." if section else ""
+    return {k: v for k, v in flat.items() if ADDED_KEYS.get(prefix + k, object()) != v}
 
 
 def keyed_dict(cfg: Config) -> Dict[str, Any]:
     """``cfg.to_dict()`` as the cache keys see it (with ``RETIRED_KEYS`` back in place)."""
     d = cfg.to_dict()
+    d["data"] = drop_added_defaults(d["data"], "data")
     for dotted, value in RETIRED_KEYS.items():
         section, key = dotted.split(".")
         d[section] = {**d[section], key: value}
@@ -51,7 +62,8 @@ def keyed_dict(cfg: Config) -> Dict[str, Any]:
 
 
 def _training_data(cfg: Config) -> Dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict()["data"].items() if k not in NOT_TRAINING_DATA}
+    data = drop_added_defaults(cfg.to_dict()["data"], "data")
+    return {k: v for k, v in data.items() if k not in NOT_TRAINING_DATA}
 
 
 def _is_lce(encoder_field: str) -> bool:
@@ -256,4 +268,4 @@ def load_extra_models(paths: Mapping[str, Path], device: torch.device) -> Dict[s
 
 __all__ = ["UPSTREAM_SEED", "SPLITS", "Upstream", "upstream_keys", "upstream_stage", "applied_per_trial",
            "prepare_upstream", "load_splits", "codes_key", "codes_path", "extra_model_key", "extra_model_paths",
-           "load_extra_models", "keyed_dict", "RETIRED_KEYS"]
+           "load_extra_models", "keyed_dict", "RETIRED_KEYS", "ADDED_KEYS", "drop_added_defaults"]
