@@ -100,9 +100,15 @@ def setup_params(cfg: Config) -> Dict[str, Any]:
             if k not in _NOT_SETUP and not k.startswith(_NOT_SETUP_SECTIONS)}
 
 
+# Keys added after results were first stored, with the value that computes what those results
+# did: left out of the key at that value, so the results made before the key existed resume.
+ADDED_KEYS = {"robust.precision": "fp32"}
+
+
 def setup_key(cfg: Config) -> str:
     # With the retired keys' one value, as the cache keys do: results made before their removal resume.
-    return content_key({**setup_params(cfg), **RETIRED_KEYS})
+    params = {k: v for k, v in setup_params(cfg).items() if k not in ADDED_KEYS or ADDED_KEYS[k] != v}
+    return content_key({**params, **RETIRED_KEYS})
 
 
 def write_json_atomic(path: Path, obj: Any) -> Path:
