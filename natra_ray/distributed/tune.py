@@ -63,6 +63,7 @@ def trial_fn(params: Dict[str, Any], cfg: Config, space: SearchSpace, layout: St
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from natra_ray.distributed.console import setup_worker
+    from natra_ray.distributed.remote_stages import ray_encode, ray_score
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.distributed.train import ray_fit
     from natra_ray.workflow.trial import run_trial, trial_inputs
@@ -74,9 +75,10 @@ def trial_fn(params: Dict[str, Any], cfg: Config, space: SearchSpace, layout: St
     trial_id = ray.tune.get_context().get_trial_id()
     logged = {**tcfg.flat(), **{f"sampled.{k}": v for k, v in sampled.items()}}
     with TrialTracker.from_spec(tracking, trial_id, logged, run_name=f"trial-{trial_id}") as recorder:
-        inputs = trial_inputs(tcfg, layout, upstream, load_splits(tcfg))
+        # the splits' LCE and the evaluation suite run as Ray tasks with GPUs, not in this driver
+        inputs = trial_inputs(tcfg, layout, upstream, load_splits(tcfg), encode=ray_encode())
         fit = ray_fit(layout.train_runs, f"train-{trial_id}", callbacks=[TuneReportCallback()])
-        result = run_trial(tcfg, inputs, layout.trial(trial_id), fit, recorder, log_model=True)
+        result = run_trial(tcfg, inputs, layout.trial(trial_id), fit, recorder, log_model=True, score=ray_score())
     ray.tune.report({**result.metrics, "mlflow_run_id": recorder.run_id, "done": True})
 
 
