@@ -138,14 +138,15 @@ def test_the_evaluation_suite_on_cuda_matches_the_cpu(upstream, tmp_path):
     cfg = cfg.replace(**{"eval.max_examples": 64, "eval.deepfool_steps": 3, "eval.natural_directions": 4})
     codes = encode_in_process(cfg, up, data.images[:64], 1, "test")
     test = ImageDataset(data.images[:64], data.labels[:64], data.class_names)
-    model = robust.build_classifier(cfg, 10)
-    out = {}
-    for dev in (torch.device("cpu"), CUDA):
-        model.to(dev)
-        out[dev.type] = evaluate.run(cfg, model, test, eval_source(cfg, up, codes, dev), tmp_path / dev.type)
-    assert set(out["cpu"]) == set(out["cuda"])
-    assert out["cuda"]["test_clean_acc"] == pytest.approx(out["cpu"]["test_clean_acc"], abs=2 / 64)
-    assert out["cuda"]["test_natural_acc"] == pytest.approx(out["cpu"]["test_natural_acc"], abs=0.1)
+    model = robust.build_classifier(cfg, 10).to(CUDA)
+    got = evaluate.run(cfg, model, test, eval_source(cfg, up, codes, CUDA), tmp_path)
+    assert all(0 <= v <= 1 for k, v in got.items() if k.endswith("_acc")) and got["test_deepfool_score"] >= 0
+    # the CPU's numbers for the clean and the latent-attack parts (the whole suite twice costs minutes)
+    cpu = {}
+    for part in ("clean", "natural_attack"):
+        cpu.update(evaluate.run_part(cfg, model.cpu(), test, eval_source(cfg, up, codes, torch.device("cpu")), part))
+    assert got["test_clean_acc"] == pytest.approx(cpu["clean_acc"], abs=2 / 64)
+    assert got["test_natural_acc"] == pytest.approx(cpu["natural_acc"], abs=0.1)
 
 
 def test_apt_all_reduce_runs_on_the_gpu_under_nccl(tmp_path):
