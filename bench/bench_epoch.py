@@ -28,6 +28,7 @@ cached first when missing: ~11 min on two idle cores).
     .venv/bin/python bench/bench_epoch.py --quick     # 1,024 training images, < 2 min
     .venv/bin/python bench/bench_epoch.py             # whole cpu train split + the strength comparison
     .venv/bin/python bench/bench_epoch.py --set robust.pool_size=4 robust.pool_refresh=8 ...
+    .venv/bin/python bench/bench_epoch.py --quick --device cuda --precision bf16   # -> results/epoch_cuda_bf16.*
 
 The last line printed is ``ratio=<pool epoch / standard epoch>``.
 """
@@ -94,12 +95,15 @@ def prepared(cfg: Config, split: str, ds: ImageDataset) -> Tuple[Upstream, Path]
     return up, codes_path(cfg, up, layout, split, ds, cfg.encoder.lce_codes)
 
 
+DEVICE = torch.device("cpu")  # --device: where G, the budgets and the classifier live
+
+
 def source_for(cfg: Config, up: Upstream, codes: Path, n: int) -> LatentSource:
     from natra_ray.stages.lce import LatentCodes
     from natra_ray.workflow.trial import latent_source
 
     c = LatentCodes.load(codes)
-    src = latent_source(cfg, up, c, torch.device("cpu"))
+    src = latent_source(cfg, up, c, DEVICE)
     src.ws, src.alpha, src.eps = src.ws[:n], src.alpha[:n], src.eps[:n].clone()
     return src
 
@@ -114,7 +118,7 @@ def training_inputs(cfg: Config, n: int) -> Tuple[ImageDataset, Callable[[], Lat
     codes = cached_codes(cfg, up, "train", len(train)) if up is not None else None
     if up is not None and codes is not None:
         return ds, lambda: source_for(cfg, up, codes, n), f"the trained cpu-profile upstream ({up.entries['bies'].name})"
-    return (ds, lambda: benchlib.random_latent_source(cfg, n, cfg.encoder.lce_codes),
+    return (ds, lambda: benchlib.random_latent_source(cfg, n, cfg.encoder.lce_codes, device=DEVICE),
             "a freshly initialised generator of the cpu profile's architecture with random codes (no trained "
             "upstream in the stage cache: a stand-in for timing only)")
 
@@ -127,8 +131,7 @@ class Variant:
         self.name, self.cfg, self.ds = name, cfg, ds
         self.src = make_src() if cfg.robust.method != "none" else None
         torch.manual_seed(seed)
-        self.state = robust.make_state(cfg, len(ds.class_names), max(1, len(ds) // cfg.robust.batch_size),
-                                       torch.device("cpu"))
+        self.state = robust.make_state(cfg, len(ds.class_names), max(1, len(ds) // cfg.robust.batch_size), DEVICE)
         self.gen = torch.Generator().manual_seed(seed)
         self.metrics: List[Dict[str, float]] = []
 
@@ -209,10 +212,16 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="*", default=["exact", "pool", "fraction", "standard"],
                     help="full mode: the classifiers trained per seed")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (robust.pool_size=4)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the classifier, G and the budgets live")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="robust.precision")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default 1 on the cpu, 4 otherwise)")
     args = ap.parse_args()
-    info = benchlib.start(1)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    info = benchlib.start(args.threads or (1 if DEVICE.type == "cpu" else 4))
     t_start = time.time()
-    base = load_config("cpu", overrides={"robust.method": "natra", "robust.natra_mode": "pool", **parse_set(args.set)})
+    base = load_config("cpu", overrides={"robust.method": "natra", "robust.natra_mode": "pool", "device": args.device,
+                                         "robust.precision": args.precision, **parse_set(args.set)})
     r = base.robust
     data: Dict[str, Any] = {"pool": {"natra_mode": r.natra_mode, "pool_size": r.pool_size,
                                      "pool_refresh": r.pool_refresh, "pool_select": r.pool_select},
@@ -245,7 +254,9 @@ def main() -> None:
             print(data["strength"]["rows"])
             return
     data["seconds"] = time.time() - t_start
-    benchlib.write_results("epoch", "quick" if args.quick else "full", render(data, base), data, info)
+    data["device"], data["precision"] = str(DEVICE), args.precision
+    name = "epoch" if DEVICE.type == "cpu" and args.precision == "fp32" else f"epoch_{DEVICE.type}_{args.precision}"
+    benchlib.write_results(name, "quick" if args.quick else "full", render(data, base), data, info)
     if "timing" in data:
         print(f"ratio={data['timing']['ratio']['pool']:.2f}")
 
@@ -255,7 +266,8 @@ def render(d: Dict[str, Any], cfg: Config) -> str:
     out = [f"Pool mode as configured: pool_size P={p['pool_size']}, pool_refresh R={p['pool_refresh']} "
            f"(~{p['pool_size'] / p['pool_refresh']:.2g} decodes per example per epoch), pool_select={p['pool_select']}; "
            f"exact mode: K={cfg.robust.pgd_steps} latent PGD steps; batch {cfg.robust.batch_size}, "
-           f"small_cnn width {cfg.robust.classifier_width}, LCE codes {cfg.encoder.lce_codes}."
+           f"small_cnn width {cfg.robust.classifier_width}, LCE codes {cfg.encoder.lce_codes}; "
+           f"device {d.get('device', 'cpu')}, robust.precision={d.get('precision', 'fp32')}."
            + (f" Overrides: {' '.join(d['overrides'])}." if d["overrides"] else "")]
     t = d.get("timing")
     if t:
@@ -271,12 +283,13 @@ def render(d: Dict[str, Any], cfg: Config) -> str:
                          else (f"{cfg.robust.pgd_steps + 1} ({cfg.robust.pgd_steps} through G's gradient)"
                                if k == "exact" else (f"{cfg.robust.adv_fraction * (cfg.robust.pgd_steps + 1):.2g}"
                                                      if k == "fraction" else 0)),
-                         m.get("pool_members", "-"), m.get("adv_fooled", "-")])
+                         m.get("pool_members", "-"), m.get("adv_fooled", "-"),
+                         f"{m.get('train_images_per_s', 0.0):.0f}"])
         out += ["", f"{t['images']} training images, {t['rounds']} epochs per variant, interleaved; latent source: "
                 f"{t['upstream']}.", ""]
         out.append(benchlib.md_table(["epoch", "s (median, epochs 2+)", "vs standard (epochs 2+)", "epoch 1",
                                       "all epochs", "decodes / example (last epoch)", "pool members (last)",
-                                      "adv fooled (last)"], rows))
+                                      "adv fooled (last)", "images/s (last)"], rows))
         out.append("")
         out.append(f"Pool memory: {t['pool_bytes_per_10k'] / 2**20:.1f} MiB per 10k training images "
                    f"(uint8 members + coefficients).")

@@ -19,6 +19,11 @@ Sizes are the ``cpu`` profile's; weights are random (speed does not depend on th
 
     .venv/bin/python bench/bench_step.py --quick     # < 2 min
     .venv/bin/python bench/bench_step.py             # full: K in {1,2,3} x codes in {1,2}
+    .venv/bin/python bench/bench_step.py --device cuda --precision bf16 [--profile paper]
+
+On another device than the CPU the script times the NaTra and standard steps only (images/s and
+their ratio, into ``results/step_<device>_<precision>_<profile>.*``): the FLOP, profile and
+re-encoding rows are about the CPU.
 """
 from __future__ import annotations
 
@@ -43,12 +48,14 @@ N_ITEMS = 2048  # latent codes held (the lookup cost does not depend on it)
 LATENT_MIXUP_RATIO = 104 / 30  # GAN-Mixup vs standard, ms per batch (Latent-Mixup paper, Sec. 3)
 
 
-def step_fn(cfg: Config, src: Any, gen: torch.Generator, batch_size: int) -> Callable[[], Dict[str, float]]:
-    """One real training step of ``cfg.robust.method`` on a fresh random batch per call."""
-    state = robust.make_state(cfg, 10, 100_000, torch.device("cpu"))
+def step_fn(cfg: Config, src: Any, gen: torch.Generator, batch_size: int,
+            device: torch.device = torch.device("cpu")) -> Callable[[], Dict[str, float]]:
+    """One real training step of ``cfg.robust.method`` on a fresh random batch per call (on
+    ``device``, as the Ray Data stream hands a Train worker its batches)."""
+    state = robust.make_state(cfg, 10, 100_000, device)
     n = src.ws.shape[0]
-    x = torch.rand(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    y = torch.randint(0, 10, (n,), generator=gen)
+    x = torch.rand(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size).to(device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(device)
 
     class _Data:  # train_epoch reads only class_names when it is given batches
         class_names = [str(i) for i in range(10)]
@@ -180,11 +187,47 @@ def reencode_cost(cfg: Config, src: Any, batch_size: int, rounds: int) -> Dict[s
     return {k: v.as_dict() for k, v in t.items()} | {"lpips_pretrained": perc.pretrained}
 
 
+def device_main(args: argparse.Namespace) -> None:
+    """The NaTra step vs the standard step on ``args.device`` at ``args.precision``."""
+    device = torch.device(args.device)
+    info = benchlib.start(args.threads or 4)
+    rounds = args.rounds or 10
+    base = load_config(args.profile, overrides={"robust.precision": args.precision, "device": args.device})
+    B = base.robust.batch_size
+    rows = []
+    for label, method in (("NaTra", "natra"), ("Random latent edit", "random_latent")):
+        cfg = base.replace(**{"robust.method": method})
+        src = benchlib.random_latent_source(cfg, N_ITEMS, cfg.encoder.lce_codes, device=device)
+        gen = torch.Generator().manual_seed(0)
+        std, aug = step_fn(cfg.replace(**{"robust.method": "none"}), src, gen, B, device), step_fn(cfg, src, gen, B, device)
+        t = benchlib.interleaved({"standard": std, "augmented": aug}, rounds=rounds, warmup=2)
+        rows.append({"label": label, "method": method, "ratio": benchlib.paired_ratio(t["augmented"], t["standard"]),
+                     "images_per_s_standard": B / t["standard"].median, "images_per_s_augmented": B / t["augmented"].median,
+                     "standard": t["standard"].as_dict(), "augmented": t["augmented"].as_dict()})
+        print(f"{label}: {rows[-1]['ratio']:.2f}x standard, {rows[-1]['images_per_s_augmented']:.0f} vs "
+              f"{rows[-1]['images_per_s_standard']:.0f} images/s", flush=True)
+    r = base.robust
+    md = (f"{args.profile} profile sizes ({r.classifier}, batch {B}, K={r.pgd_steps}, LCE codes {base.encoder.lce_codes}), "
+          f"random weights, {device} ({info.get('gpu') or 'cpu'}), robust.precision={args.precision}, {rounds} "
+          f"interleaved rounds.\n\n" + benchlib.md_table(
+              ["step", "vs standard", "images/s", "standard images/s"],
+              [[x["label"], f"{x['ratio']:.2f}x", f"{x['images_per_s_augmented']:.0f}", f"{x['images_per_s_standard']:.0f}"]
+               for x in rows]))
+    benchlib.write_results(f"step_{device.type}_{args.precision}_{args.profile}", "quick", md, {"rows": rows}, info)
+    print(f"ratio={rows[0]['ratio']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one NaTra configuration, few rounds (< 2 min)")
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per row (default 4 quick, 10 full)")
+    ap.add_argument("--device", default="cpu", help="cpu (the full benchmark) or cuda (the step timing only)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="robust.precision")
+    ap.add_argument("--profile", default="cpu", help="whose sizes the device timing uses (cpu, paper)")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads on another device (default 4)")
     args = ap.parse_args()
+    if args.device != "cpu" or args.precision != "fp32":
+        return device_main(args)
     info = benchlib.start(1)
     t_start = time.time()
     rounds = args.rounds or (4 if args.quick else 10)

@@ -22,7 +22,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-RESULTS = BENCH / "results"
+# NATRA_BENCH_RESULTS: another folder (bench/gpu/run.sh writes a GPU machine's results under $OUT)
+RESULTS = Path(os.environ["NATRA_BENCH_RESULTS"]) if os.environ.get("NATRA_BENCH_RESULTS") else BENCH / "results"
 
 
 # --------------------------------------------------------------------------- machine
@@ -63,6 +64,7 @@ def machine() -> Dict[str, Any]:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "torch": torch.__version__, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "load_avg_start": load_avg(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "natra_ray": code_version()}
 
 
@@ -84,9 +86,16 @@ def matmul_peak(threads: Sequence[int] = (1, 2), n: int = 2048, reps: int = 5) -
 
 
 # --------------------------------------------------------------------------- timing
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a kernel still queued is time of the call that queued it
+
+
 def _time(fn: Callable[[], Any]) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -186,7 +195,7 @@ def cpu_stage_dir(stage: str, storage: str = "") -> Path:
     return cache.entry_dir(layout.cache, stage, upstream_keys(cfg)[stage])
 
 
-def random_latent_source(cfg: Any, n_items: int, n_codes: int, seed: int = 0) -> Any:
+def random_latent_source(cfg: Any, n_items: int, n_codes: int, seed: int = 0, device: Any = "cpu") -> Any:
     """A ``LatentSource`` at ``cfg``'s sizes with random weights: the generator of ``cfg.gan``,
     ``n_items`` random W+ codes (n_codes per item, like LCE's), alpha = (1, 0, ...) and
     ``robust.num_directions`` random orthonormal directions. Speed does not depend on trained
@@ -211,5 +220,5 @@ def random_latent_source(cfg: Any, n_items: int, n_codes: int, seed: int = 0) ->
         dirs = Directions(q.T.contiguous(), torch.ones(k), "random")
     start_, end = resolve_layer_range(G, cfg.robust.layer_start, cfg.robust.layer_end)
     # The pipeline's codes carry encoder.lce_layer whatever N is (N = 1 decodes exactly as G).
-    return LatentSource(G, ws, alpha, cfg.encoder.lce_layer, dirs, cfg.robust.num_directions, (start_, end),
-                        torch.full((n_items,), float(cfg.robust.eps)))
+    return LatentSource(G.to(device), ws, alpha, cfg.encoder.lce_layer, dirs, cfg.robust.num_directions, (start_, end),
+                        torch.full((n_items,), float(cfg.robust.eps)), precision=cfg.robust.precision)

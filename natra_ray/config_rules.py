@@ -210,8 +210,15 @@ def _inline_is_one_worker(f: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _fp16_needs_cuda(f: Mapping[str, Any]) -> str | None:
+    if f["robust.precision"] == "fp16" and f["device"] == "cpu":
+        return ("robust.precision=fp16 is for CUDA (a CPU has no fast float16 and fp16 needs a GradScaler): "
+                "use robust.precision=bf16 or fp32 with device=cpu")
+    return None
+
+
 CROSS_CHECKS: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (
-    _folders_need_pairs, _folders_have_no_bundles, _eval_layers_in_range, _inline_is_one_worker,
+    _folders_need_pairs, _folders_have_no_bundles, _eval_layers_in_range, _inline_is_one_worker, _fp16_needs_cuda,
 )
 
 

@@ -149,6 +149,10 @@ class RobustConfig:
     cvae_attack: Literal["random", "pgd"] = "pgd"  # u ~ N(0, I) projected into the ball, or the worst case
     cvae_steps: int = 5  # PGD steps on u
     cvae_step_size: float = 0.0  # 0 = 2.5 * cvae_eps / cvae_steps
+    # Autocast dtype of decoding (every latent attack and decode) and of the classifier's training
+    # and attack passes; losses, optimiser state and APT budgets stay float32 (natra_ray/precision.py).
+    # fp16 adds a GradScaler (its 5-bit exponent underflows small gradients); bf16 needs none.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,6 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow(ray_cluster, tmp_path, s
 def test_two_worker_bies_matches_single_process(ray_session, tmp_path):
     """BIES in a 2-worker TorchTrainer (each worker half of every batch, gradients averaged)
     computes the same encoder and shifted generator as the in-process stage."""
-    import ray
 
     from natra_ray.distributed.upstream import bies_fit
     from natra_ray.models import create_generator

@@ -26,6 +26,7 @@ from natra_ray.augment import (
 from natra_ray.augment.basic import classic_augment
 from natra_ray.models.generator import Generator, to_unit
 from natra_ray.models.latent import Directions, lce_decode
+from natra_ray.precision import autocast
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -38,12 +39,14 @@ def apt_update(eps: Tensor, misclassified: Tensor, rho: float, cap: float) -> Te
 def smooth_labels(y: Tensor, num_classes: int, alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Adaptive label smoothing: y~ = (1 - alpha_i) y + alpha_i u, u ~ Dirichlet(1) per example.
 
-    alpha (B,) is c * eps_i (Sec. 3.4.3): a larger budget earns more label uncertainty."""
+    alpha (B,) is c * eps_i (Sec. 3.4.3): a larger budget earns more label uncertainty. The
+    result is on ``y``'s device: labels come on the training device, the budgets from wherever
+    the APT state lives, and the draws from a CPU generator (the same numbers on any device)."""
     # Dirichlet(1, ..., 1) = normalised i.i.d. Exp(1) draws; sampled this way so a seeded
     # torch.Generator controls it (torch.distributions.Dirichlet takes no generator).
-    e = -torch.log(torch.rand(y.shape[0], num_classes, generator=generator).clamp_min(1e-12)).to(alpha.device)
+    e = -torch.log(torch.rand(y.shape[0], num_classes, generator=generator).clamp_min(1e-12)).to(y.device)
     u = e / e.sum(1, keepdim=True)
-    a = alpha.clamp(0, 1).view(-1, 1)
+    a = alpha.to(y.device).clamp(0, 1).view(-1, 1)
     return (1 - a) * one_hot(y, num_classes) + a * u
 
 
@@ -58,14 +61,28 @@ class LatentSource:
     directions: Directions
     num_directions: int
     layer_range: tuple[int, int]  # (start, end) inclusive: D(u_i, start-end)
-    eps: Tensor  # (N,) per-example budget, the APT state (kept across epochs)
+    eps: Tensor  # (N,) per-example budget, the APT state (kept across epochs), on G's device
     # robust.natra_mode=pool: the decoded members of each example (augment.pool.LatentPool),
     # made on first use and refreshed as examples are visited; None until then.
     pool: Any = None
+    precision: str = "fp32"  # robust.precision: autocast of decoding and of the attacked classifier
+
+    def __post_init__(self) -> None:
+        # The budgets are read and written on every batch next to the attack's logits: kept on
+        # the compute device, an APT update never mixes devices and never waits for a copy. The
+        # codes stay on the CPU (the whole split's; ``codes`` moves a batch's).
+        self.eps = self.eps.to(self.device)
 
     @property
     def device(self) -> torch.device:
         return self.G.w_avg.device
+
+    def budgets(self, idx: Tensor) -> Tensor:
+        """(B,) the APT budgets of examples ``idx`` (any device), on the source's device."""
+        return self.eps[idx.to(self.eps.device)]
+
+    def set_budgets(self, idx: Tensor, eps: Tensor) -> None:
+        self.eps[idx.to(self.eps.device)] = eps.to(self.eps.device, self.eps.dtype)
 
     def codes(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.ws[idx.cpu()].to(self.device), self.alpha[idx.cpu()].to(self.device)
@@ -74,7 +91,14 @@ class LatentSource:
         """Codes (B, N, num_ws, w_dim) edited by coeffs (B, k) along the directions -> [0, 1]."""
         if coeffs is not None:
             ws = self.directions.edit(ws, coeffs, *self.layer_range)
-        return to_unit(lce_decode(self.G, ws, alpha, self.layer))
+        with autocast(self.device, self.precision):
+            x = lce_decode(self.G, ws, alpha, self.layer)
+        return to_unit(x.float())
+
+    def classify(self, model: torch.nn.Module, x: Tensor) -> Tensor:
+        """``model(x)`` as the attacks run it: under the source's autocast, float32 logits."""
+        with autocast(self.device, self.precision):
+            return model(x).float()
 
     @torch.no_grad()
     def reconstruct(self, idx: Tensor) -> Tensor:
@@ -99,7 +123,7 @@ def latent_attack(model: torch.nn.Module, src: LatentSource, idx: Tensor, y: Ten
 
     def loss_fn(r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = src.decode(ws, alpha, r)
-        logits = model(x)
+        logits = src.classify(model, x)
         return F.cross_entropy(logits, y, reduction="none"), x, logits
 
     if isinstance(eps, Tensor):
@@ -120,20 +144,22 @@ def _natra(ctx: AugmentContext, batch: Batch, apt: bool, method: str) -> Augment
         return natra_pool(ctx, batch, apt)
     if cfg.natra_mode == "fraction":
         return _natra_fraction(ctx, batch, apt, src)
-    eps_i = src.eps[batch.idx.cpu()]  # (B,)
+    # Everything per example on the source's device: budgets, labels, the attack's verdict.
+    y = batch.y.to(src.device)
+    eps_i = src.budgets(batch.idx)  # (B,)
     # APT attacks at eps_i + rho (Sec. 3.4.3): the same transformation trains theta and
     # tells whether eps_i may grow, so tuning costs no extra forward passes.
     radius = (eps_i + cfg.rho).clamp(max=cfg.eps_cap) if apt else torch.full_like(eps_i, cfg.eps)
     step = cfg.pgd_step_size or None
-    adv = latent_attack(ctx.model, src, batch.idx, batch.y, radius, cfg.pgd_steps, step, ctx.generator)
+    adv = latent_attack(ctx.model, src, batch.idx, y, radius, cfg.pgd_steps, step, ctx.generator)
     x_adv = adv.x
-    mis = (adv.logits.argmax(1) != batch.y.to(x_adv.device)).cpu()
+    mis = adv.logits.argmax(1) != y
     if apt:
-        src.eps[batch.idx.cpu()] = apt_update(eps_i, mis, cfg.rho, cfg.eps_cap)
+        src.set_budgets(batch.idx, apt_update(eps_i, mis, cfg.rho, cfg.eps_cap))
     used = eps_i if apt else radius
-    target = smooth_labels(batch.y, ctx.num_classes, cfg.label_smoothing_c * used, ctx.generator)
+    target = smooth_labels(y, ctx.num_classes, cfg.label_smoothing_c * used, ctx.generator)
     x = torch.cat([batch.x.to(x_adv.device), x_adv])
-    t = torch.cat([one_hot(batch.y, ctx.num_classes), target]).to(x_adv.device)
+    t = torch.cat([one_hot(y, ctx.num_classes), target])
     return Augmented(x, t, {"eps_mean": float(used.mean()), "adv_fooled": float(mis.float().mean())})
 
 
@@ -148,7 +174,7 @@ def _natra_fraction(ctx: AugmentContext, batch: Batch, apt: bool, src: LatentSou
     pick = torch.randperm(b, generator=ctx.generator)[:m]
     idx = batch.idx.cpu()[pick]
     y = batch.y.cpu()[pick]
-    eps_i = src.eps[idx]
+    eps_i = src.budgets(idx).cpu()  # this mode's per-example bookkeeping is on the CPU
     radius = (eps_i + cfg.rho).clamp(max=cfg.eps_cap) if apt else torch.full_like(eps_i, cfg.eps)
     used = eps_i if apt else radius
     target = smooth_labels(y, ctx.num_classes, cfg.label_smoothing_c * used, ctx.generator)
@@ -158,7 +184,7 @@ def _natra_fraction(ctx: AugmentContext, batch: Batch, apt: bool, src: LatentSou
         adv = latent_attack(ctx.model, src, idx, y, radius, cfg.pgd_steps, cfg.pgd_step_size or None, ctx.generator)
         mis = (adv.logits.argmax(1).cpu() != y)
         if apt:
-            src.eps[idx] = apt_update(eps_i, mis, cfg.rho, cfg.eps_cap)
+            src.set_budgets(idx, apt_update(eps_i, mis, cfg.rho, cfg.eps_cap))
         info.update(eps_mean=float(used.mean()), adv_fooled=float(mis.float().mean()))
         return Augmented(adv.x, target.to(adv.x.device))
 

@@ -229,7 +229,7 @@ def natra_pool(ctx: AugmentContext, batch: Batch, apt: bool) -> TwoPass:
 
     cfg, src = ctx.cfg, ctx.latent
     idx = batch.idx.cpu()
-    eps_i = src.eps[idx]
+    eps_i = src.budgets(idx).cpu()  # the pool and its bookkeeping live on the CPU
     radius = (eps_i + cfg.rho).clamp(max=cfg.eps_cap) if apt else torch.full_like(eps_i, cfg.eps)
     pool = ensure_pool(src, cfg, ctx.num_classes)
     due = pool.due(idx, cfg.pool_refresh)
@@ -270,7 +270,7 @@ def natra_pool(ctx: AugmentContext, batch: Batch, apt: bool) -> TwoPass:
     def judged(logits: Tensor) -> Dict[str, float]:
         mis = logits.argmax(1).cpu() != y
         if apt:
-            src.eps[idx] = apt_update(eps_i, mis, cfg.rho, cfg.eps_cap)
+            src.set_budgets(idx, apt_update(eps_i, mis, cfg.rho, cfg.eps_cap))
         return {"eps_mean": float(used.mean()), "adv_fooled": float(mis.float().mean()), **stats}
 
     return TwoPass(batch.x, one_hot(batch.y, ctx.num_classes), second=second, seen=judged)

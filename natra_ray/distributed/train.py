@@ -58,6 +58,37 @@ def _load_state() -> Optional[Dict[str, Any]]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def collective_device() -> torch.device:
+    """Where this process group reduces: NCCL takes CUDA tensors only (this process's GPU),
+    gloo takes CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_budgets(eps: torch.Tensor, before: torch.Tensor) -> None:
+    """Sum every worker's APT budget changes of this epoch into ``eps`` (in place; ``before``:
+    the budgets when the epoch began). Each example is seen by exactly one worker per epoch, so
+    the sum gives every worker the same state. The reduction runs on the process group's device
+    (``collective_device``), whatever device the budgets live on."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    delta = (eps - before.to(eps.device)).to(collective_device())
+    dist.all_reduce(delta)
+    eps.copy_(before.to(eps.device) + delta.to(eps.device))
+
+
+def stream_batch(b: Mapping[str, torch.Tensor], device: torch.device) -> Any:
+    """A Ray Data batch as the training loop takes it: float images, int64 labels and example
+    positions, all on ``device`` (the Train worker's), so the method never meets a batch on one
+    device and a model or APT state on another."""
+    from natra_ray.augment import Batch
+
+    x_rand = b["x_rand"].to(device).float() if "x_rand" in b else None
+    return Batch(b["image"].to(device).float(), b["label"].to(device).long(), b["idx"].to(device).long(),
+                 x_rand=x_rand)
+
+
 def _all_reduce_grads(module: torch.nn.Module) -> None:
     """Average gradients over workers (data-parallel by hand: the GAN's D and G steps toggle
     requires_grad and R1 uses double backward, which DDP's reducer does not support)."""
@@ -123,7 +154,9 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     splits = load_splits(cfg)
     codes = {k: LatentCodes.load(job.codes[k]) for k in ("train", "val")}
     latent = latent_source(cfg, job.upstream(), codes["train"], device) if method_needs(cfg.robust.method).latent else None
-    val_latent = eval_source(cfg, job.upstream(), codes["val"])  # the fixed evaluation attack, not robust.*
+    # the fixed evaluation attack, not robust.*; on this worker's device (``cuda`` alone can name
+    # another worker's GPU when Ray Train shows a node's GPUs to all its workers)
+    val_latent = eval_source(cfg, job.upstream(), codes["val"], device)
     extra = load_extra_models(job.extra, device)  # e.g. the VAE of vae_mixup
     train = splits["train"]
     steps = len(train) // cfg.robust.batch_size
@@ -143,10 +176,9 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     pbar = progress.bar((cfg.robust.epochs - state.epoch) * steps, job.title, unit="batch", enabled=rank == 0)
 
     def stream_batches():
-        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True):
+        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device):
             pbar.update(1)
-            x_rand = b["x_rand"].float() if "x_rand" in b else None
-            yield Batch(b["image"].float(), b["label"].long(), b["idx"].long(), x_rand=x_rand)
+            yield stream_batch(b, device)
 
     def memory_batches():
         # The same seeded permutation on every rank, each taking its stride: DistributedSampler.
@@ -171,11 +203,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
             job.diverged_file.write_text(f"rank {rank}: {e}")
             return
         if latent is not None and world > 1:
-            # Each example is seen by exactly one worker per epoch: summing the budget changes
-            # gives every worker the same APT state.
-            delta = latent.eps - eps_before
-            dist.all_reduce(delta)
-            latent.eps.copy_(eps_before + delta)
+            all_reduce_budgets(latent.eps, eps_before)
         m.update(robust.val_metrics(cfg, state.bare, splits["val"], val_latent))
         if resumed_from is not None:  # the history shows where a lost worker picked up
             m["resumed_from_epoch"], resumed_from = float(resumed_from), None
@@ -246,5 +274,5 @@ def load_result_state(result) -> Dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-__all__ = ["RobustJob", "robust_worker_loop", "fit_robust", "ray_fit", "load_result_state", "raise_if_diverged",
+__all__ = ["RobustJob", "robust_worker_loop", "stream_batch", "all_reduce_budgets", "collective_device", "fit_robust", "ray_fit", "load_result_state", "raise_if_diverged",
            "scaling_config", "use_gpu"]

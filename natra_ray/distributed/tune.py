@@ -93,6 +93,7 @@ def trial_fn(params: Dict[str, Any], cfg: Config, space: SearchSpace, layout: St
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from natra_ray.distributed.console import setup_worker
+    from natra_ray.distributed.remote_stages import ray_encode, ray_score
     from natra_ray.distributed.tracking import TrialTracker
     from natra_ray.distributed.train import ray_fit
     from natra_ray.workflow.trial import run_trial, trial_inputs
@@ -104,10 +105,15 @@ def trial_fn(params: Dict[str, Any], cfg: Config, space: SearchSpace, layout: St
     trial_id = ray.tune.get_context().get_trial_id()
     logged = {**tcfg.flat(), **{f"sampled.{k}": v for k, v in sampled.items()}}
     with TrialTracker.from_spec(tracking, trial_id, logged, run_name=f"trial-{trial_id}") as recorder:
-        inputs = trial_inputs(tcfg, layout, upstream, load_splits(tcfg))
+        # A TorchTrainer trial's driver holds a fraction of a CPU: the splits' LCE and the evaluation
+        # suite run as Ray tasks (with GPUs when the trial has them). An inline trial is its own
+        # worker: it does both itself, in the CPUs it holds (tasks would wait for CPUs it holds).
+        remote = not tcfg.tune.inline
+        inputs = trial_inputs(tcfg, layout, upstream, load_splits(tcfg), **({"encode": ray_encode()} if remote else {}))
         fit = inline_fit(tcfg) if tcfg.tune.inline else ray_fit(layout.train_runs, f"train-{trial_id}",
                                                                  callbacks=[TuneReportCallback()])
-        result = run_trial(tcfg, inputs, layout.trial(trial_id), fit, recorder, log_model=True)
+        result = run_trial(tcfg, inputs, layout.trial(trial_id), fit, recorder, log_model=True,
+                           **({"score": ray_score()} if remote else {}))
     ray.tune.report({**result.metrics, "mlflow_run_id": recorder.run_id, "done": True})
 
 

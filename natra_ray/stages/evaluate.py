@@ -22,6 +22,8 @@ from natra_ray.viz import save_grid
 
 log = logging.getLogger(__name__)
 
+NATURAL_BATCH = 256  # examples per latent attack / decode call
+
 
 @torch.no_grad()
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -47,40 +49,22 @@ def corruption_accuracies(cfg: Config, model: nn.Module, x: torch.Tensor, y: tor
     return out
 
 
-def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.Tensor, y: torch.Tensor,
-                    out_dir: Optional[Path]) -> Dict[str, float]:
-    """Worst case within eval.natural_eps, fixed-strength edits per direction, escaped examples.
+def natural_attack_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.Tensor, y: torch.Tensor,
+                           out_dir: Optional[Path]) -> Dict[str, float]:
+    """The worst case within eval.natural_eps (``natural_acc``) and the escaped examples.
     ``src`` is the evaluation source (``workflow.trial.eval_source``: the fixed ``eval.natural_*``
     layer range and directions), so every trial is scored against the same attack."""
     e = cfg.eval
     gen = torch.Generator().manual_seed(cfg.seed)
     clean_pred = _predict(model, x)
     adv_pred, adv_imgs = [], []
-    bs = 256
-    for i in range(0, len(y), bs):
-        idx = torch.arange(i, min(i + bs, len(y)))
+    for i in range(0, len(y), NATURAL_BATCH):
+        idx = torch.arange(i, min(i + NATURAL_BATCH, len(y)))
         adv = latent_attack(model, src, idx, y[idx], e.natural_eps, e.natural_steps, None, gen)
         adv_pred.append(adv.logits.argmax(1).cpu())
         adv_imgs.append(adv.x.cpu())
     adv_pred_t, adv = torch.cat(adv_pred), torch.cat(adv_imgs)
-    out = {"natural_acc": float((adv_pred_t == y).float().mean())}
-    # Reconstruction accuracy separates "the classifier dislikes GAN images" from robustness.
-    recon = torch.cat([src.reconstruct(torch.arange(i, min(i + bs, len(y)))).cpu() for i in range(0, len(y), bs)])
-    out["recon_acc"] = float((_predict(model, recon) == y).float().mean())
-    k = src.num_directions
-    for s in e.fixed_strengths:
-        accs = []
-        for d in range(k):
-            coeffs = torch.zeros(len(y), k)
-            coeffs[:, d] = s
-            preds = []
-            for i in range(0, len(y), bs):
-                idx = torch.arange(i, min(i + bs, len(y)))
-                with torch.no_grad():
-                    preds.append(_predict(model, src.decode(*src.codes(idx), coeffs[idx].to(src.device))))
-            accs.append(float((torch.cat(preds) == y).float().mean()))
-        out[f"fixed_s{s:+g}_mean_acc"] = sum(accs) / k
-        out[f"fixed_s{s:+g}_min_acc"] = min(accs)
+    out: Dict[str, float] = {"natural_acc": float((adv_pred_t == y).float().mean())}
     escaped = (clean_pred == y) & (adv_pred_t != y)
     out["escaped_count"] = int(escaped.sum())
     out["escaped_fraction"] = float(escaped.float().mean())
@@ -91,25 +75,87 @@ def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.T
     return out
 
 
+@torch.no_grad()
+def natural_fixed_metrics(cfg: Config, model: nn.Module, src: LatentSource, y: torch.Tensor) -> Dict[str, float]:
+    """Reconstruction accuracy and fixed-strength edits along each direction (no randomness)."""
+    bs = NATURAL_BATCH
+    # Reconstruction accuracy separates "the classifier dislikes GAN images" from robustness.
+    recon = torch.cat([src.reconstruct(torch.arange(i, min(i + bs, len(y)))).cpu() for i in range(0, len(y), bs)])
+    out = {"recon_acc": float((_predict(model, recon) == y).float().mean())}
+    k = src.num_directions
+    for s in cfg.eval.fixed_strengths:
+        accs = []
+        for d in range(k):
+            coeffs = torch.zeros(len(y), k)
+            coeffs[:, d] = s
+            preds = []
+            for i in range(0, len(y), bs):
+                idx = torch.arange(i, min(i + bs, len(y)))
+                preds.append(_predict(model, src.decode(*src.codes(idx), coeffs[idx].to(src.device))))
+            accs.append(float((torch.cat(preds) == y).float().mean()))
+        out[f"fixed_s{s:+g}_mean_acc"] = sum(accs) / k
+        out[f"fixed_s{s:+g}_min_acc"] = min(accs)
+    return out
+
+
+def natural_metrics(cfg: Config, model: nn.Module, src: LatentSource, x: torch.Tensor, y: torch.Tensor,
+                    out_dir: Optional[Path]) -> Dict[str, float]:
+    """Worst case within eval.natural_eps, fixed-strength edits per direction, escaped examples."""
+    return {**natural_attack_metrics(cfg, model, src, x, y, out_dir), **natural_fixed_metrics(cfg, model, src, y)}
+
+
+# The suite in parts that share nothing but the model and the data (each draws its randomness from
+# its own seeded generator), so the parts can run apart - in parallel, on other devices - and give
+# the numbers they give together. "natural_*" need the latent source.
+PARTS = ("clean", "corruptions", "deepfool", "pixel_pgd", "natural_attack", "natural_fixed")
+LATENT_PARTS = ("natural_attack", "natural_fixed")
+
+
+def run_part(cfg: Config, model: nn.Module, test: ImageDataset, test_latent: Optional[LatentSource], part: str,
+             out_dir: Optional[Path] = None) -> Dict[str, float]:
+    """One part of the suite, keys unprefixed: clean, blurred and corruption accuracy on every test
+    image (forward passes: cheap, and a 300-image estimate moves by +-2.5 points), the attacks
+    (DeepFool, pixel PGD, the latent ones) on its first ``eval.max_examples``."""
+    model.eval()
+    n = min(len(test), cfg.eval.max_examples)
+    x, y = test.images[:n], test.labels[:n]
+    dev = next(model.parameters()).device
+    if part == "clean":
+        blurred = _predict(model, apply_corruption("blur5", test.images, 1))
+        return {"clean_acc": accuracy(model, test.images, test.labels),
+                "blurred_acc": float((blurred == test.labels).float().mean())}
+    if part == "corruptions":
+        return corruption_accuracies(cfg, model, test.images, test.labels)
+    if part == "deepfool":
+        return {"deepfool_score": deepfool_score(model, x.to(dev), max_iter=cfg.eval.deepfool_steps)}
+    if part == "pixel_pgd":
+        # seeded random starts, as the corruptions' and the latent attack's: a model scores the same every time
+        return {"pixel_pgd_acc": accuracy_under(pgd_linf, model, x.to(dev), y.to(dev), eps=cfg.robust.pixel_eps,
+                                                steps=cfg.eval.pixel_pgd_steps,
+                                                generator=torch.Generator().manual_seed(cfg.seed))}
+    if part not in LATENT_PARTS:
+        raise ValueError(f"unknown evaluation part {part!r}; known: {', '.join(PARTS)}")
+    if test_latent is None:
+        raise ValueError(f"evaluation part {part!r} needs the test split's latent source")
+    if part == "natural_attack":
+        return natural_attack_metrics(cfg, model, test_latent, x, y, out_dir)
+    return natural_fixed_metrics(cfg, model, test_latent, y)
+
+
+def parts_for(test_latent_given: bool) -> tuple:
+    """The parts a suite runs: all, or those without the latent source."""
+    return PARTS if test_latent_given else tuple(p for p in PARTS if p not in LATENT_PARTS)
+
+
 def run(cfg: Config, model: nn.Module, test: ImageDataset, test_latent: Optional[LatentSource] = None,
         out_dir: str | Path | None = None, prefix: str = "test_") -> Dict[str, float]:
     """All metrics on the test split, keys prefixed: clean, blurred and corruption accuracy on
     every test image (forward passes: cheap, and a 300-image estimate moves by +-2.5 points), the
     attacks (DeepFool, pixel PGD, the latent attack) on its first ``eval.max_examples``."""
     t0 = time.time()
-    model.eval()
-    n = min(len(test), cfg.eval.max_examples)
-    x, y = test.images[:n], test.labels[:n]
     out_dir = Path(out_dir) if out_dir is not None else None
-    m: Dict[str, float] = {"clean_acc": accuracy(model, test.images, test.labels)}
-    m["blurred_acc"] = float((_predict(model, apply_corruption("blur5", test.images, 1)) == test.labels).float().mean())
-    m.update(corruption_accuracies(cfg, model, test.images, test.labels))
-    dev = next(model.parameters()).device
-    m["deepfool_score"] = deepfool_score(model, x.to(dev), max_iter=cfg.eval.deepfool_steps)
-    # seeded random starts, as the corruptions' and the latent attack's: a model scores the same every time
-    m["pixel_pgd_acc"] = accuracy_under(pgd_linf, model, x.to(dev), y.to(dev), eps=cfg.robust.pixel_eps,
-                                        steps=cfg.eval.pixel_pgd_steps, generator=torch.Generator().manual_seed(cfg.seed))
-    if test_latent is not None:
-        m.update(natural_metrics(cfg, model, test_latent, x, y, out_dir))
+    m: Dict[str, float] = {}
+    for part in parts_for(test_latent is not None):
+        m.update(run_part(cfg, model, test, test_latent, part, out_dir))
     m["eval_seconds"] = time.time() - t0
     return {f"{prefix}{k}": v for k, v in m.items()}

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LCE_INIT_NOISE = 0.1  # std of the extra codes' init noise, in units of G's w spread
 W_SPREAD_SAMPLES = 512  # z samples used to measure that spread
+ENCODE_BATCH = 256  # images per inversion batch; batch i's init noise is seeded with i
 
 
 @torch.no_grad()
@@ -126,6 +127,15 @@ class LatentCodes:
     def subset(self, idx: Any) -> "LatentCodes":
         return LatentCodes(self.ws[idx], self.alpha[idx], self.layer, dict(self.meta))
 
+    @classmethod
+    def concat(cls, parts: "list[LatentCodes]", seconds: float) -> "LatentCodes":
+        """The codes of consecutive shards as one split's; the meta of the first shard (its
+        settings, and the reconstruction metrics of the split's first images), the speed of
+        the whole encoding (``seconds`` of wall time)."""
+        n = sum(len(p) for p in parts)
+        meta = {**parts[0].meta, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9), "shards": len(parts)}
+        return cls(torch.cat([p.ws for p in parts]), torch.cat([p.alpha for p in parts]), parts[0].layer, meta)
+
     def decode(self, G: Generator, idx: Any = slice(None)) -> torch.Tensor:
         """Images in [0, 1] of the examples at ``idx`` (on G's device)."""
         dev = G.w_avg.device
@@ -141,12 +151,22 @@ class LatentCodes:
         return cls(d["ws"], d["alpha"], int(d["layer"]), d.get("meta", {}))
 
 
+def shard_ranges(n: int, shards: int, align: int = ENCODE_BATCH) -> list:
+    """``[(start, stop), ...]``: ``n`` images in at most ``shards`` consecutive pieces whose starts
+    are multiples of ``align`` (a multiple of ``ENCODE_BATCH``, so every shard inverts the same
+    batches, with the same seeds, as one pass over all images does)."""
+    size = -(-max(1, -(-n // max(1, shards))) // align) * align
+    return [(a, min(a + size, n)) for a in range(0, n, size)] or [(0, 0)]
+
+
 def encode_dataset(G: Generator, E: nn.Module, images: torch.Tensor, cfg: Config | EncoderConfig,
-                   batch_size: int = 256, perceptual: Optional[nn.Module] = None,
-                   desc: str = "encoding") -> LatentCodes:
+                   batch_size: int = ENCODE_BATCH, perceptual: Optional[nn.Module] = None,
+                   desc: str = "encoding", first_batch: int = 0) -> LatentCodes:
     """Invert every image (M, C, H, W) in [0, 1] with ``encoder.lce_*`` settings, in batches.
 
     ``cfg``: a Config or its EncoderConfig. Runs on G's device; results land on CPU.
+    ``first_batch``: the index of the first batch within the whole split, when ``images`` is a
+    shard of it (batch i's init noise is seeded with i: a shard's codes are the split's).
     """
     e = cfg.encoder if isinstance(cfg, Config) else cfg
     G.eval().requires_grad_(False)
@@ -162,7 +182,7 @@ def encode_dataset(G: Generator, E: nn.Module, images: torch.Tensor, cfg: Config
     for i, start in enumerate(range(0, len(images), batch_size)):
         x = images[start:start + batch_size].to(dev)
         ws, alpha = invert(G, E, x, e.lce_codes, e.lce_layer, e.lce_steps, e.lce_lr, perceptual,
-                           e.gamma1, e.gamma2, noise_scale=scale, seed=i)
+                           e.gamma1, e.gamma2, noise_scale=scale, seed=first_batch + i)
         ws_all.append(ws.cpu())
         alpha_all.append(alpha.cpu())
         pbar.update(len(x))

@@ -24,6 +24,7 @@ from natra_ray.config import Config
 from natra_ray.data import ImageDataset
 from natra_ray.data.shifts import shift_suite
 from natra_ray.models import create_classifier
+from natra_ray.precision import autocast, grad_scaler
 from natra_ray.runtime import Reporter, null_reporter
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class TrainState:
     sched: torch.optim.lr_scheduler.LRScheduler
     epoch: int = 0
     history: List[Dict[str, float]] = field(default_factory=list)
+    # robust.precision=fp16's loss scaling (a disabled scaler passes every call through)
+    scaler: Optional[torch.amp.GradScaler] = None
 
     @property
     def bare(self) -> nn.Module:
@@ -80,7 +83,8 @@ class TrainState:
     def state_dict(self, latent: Optional[LatentSource]) -> Dict[str, Any]:
         return {"model": self.bare.state_dict(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "epoch": self.epoch, "history": self.history,
-                "eps": latent.eps.clone() if latent is not None else torch.zeros(0)}
+                "eps": latent.eps.detach().cpu().clone() if latent is not None else torch.zeros(0),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None and self.scaler.is_enabled() else {})}
 
     def load_state_dict(self, s: Dict[str, Any], latent: Optional[LatentSource]) -> None:
         self.bare.load_state_dict(s["model"])
@@ -89,6 +93,8 @@ class TrainState:
         self.epoch, self.history = int(s["epoch"]), list(s["history"])
         if latent is not None and s["eps"].numel():
             latent.eps.copy_(s["eps"])
+        if self.scaler is not None and self.scaler.is_enabled() and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
 
 
 def make_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torch.device) -> TrainState:
@@ -98,10 +104,19 @@ def make_state(cfg: Config, num_classes: int, steps_per_epoch: int, device: torc
                           nesterov=r.momentum > 0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=max(1, r.epochs * steps_per_epoch),
                                                 pct_start=0.15)
-    return TrainState(model, opt, sched)
+    return TrainState(model, opt, sched, scaler=grad_scaler(device, r.precision))
 
 
-def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device) -> torch.Tensor:
+def _loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, precision: str, **kw: Any) -> tuple:
+    """(mean soft cross-entropy, logits): the forward under ``precision``'s autocast, the loss
+    on float32 logits (a low-precision log-softmax loses the small probabilities)."""
+    with autocast(x.device, precision):
+        logits = model(x, **kw).float()
+    return soft_cross_entropy(logits, target).mean(), logits
+
+
+def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device, precision: str = "fp32",
+              scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
     """Backward the loss of a ``TwoPass`` batch (augment/pool.py) in two passes: its first half,
     whose input gradient picks the second half, then that half. The loss is the mean of the two
     halves' mean losses: with as many rows in each, the one-pass mean over all rows, and with a
@@ -110,14 +125,18 @@ def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device) -> torch.Tensor
     x1 = aug.x.to(dev).detach().requires_grad_(True)
     t1 = aug.target.to(dev)
     sync_later = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+    scale = scaler.scale if scaler is not None else (lambda t: t)
     with sync_later:
-        l1 = soft_cross_entropy(model(x1, **aug.forward_kwargs), t1).mean() / 2
-        l1.backward()
-    half = aug.second(x1.grad)
+        l1, _ = _loss(model, x1, t1, precision, **aug.forward_kwargs)
+        l1 = l1 / 2
+        scale(l1).backward()
+    # fp16 scaled the loss, so the input gradient too: the second half is chosen on the true one
+    grad = x1.grad if scaler is None or not scaler.is_enabled() else x1.grad / scaler.get_scale()
+    half = aug.second(grad)
     x2 = half.x.to(dev)
-    logits = model(x2, **half.forward_kwargs)
-    l2 = soft_cross_entropy(logits, half.target.to(dev)).mean() / 2
-    l2.backward()
+    l2, logits = _loss(model, x2, half.target.to(dev), precision, **half.forward_kwargs)
+    l2 = l2 / 2
+    scale(l2).backward()
     aug.info.update(half.info)
     if aug.seen is not None:
         aug.info.update(aug.seen(logits.detach()))
@@ -145,20 +164,22 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
                 yield Batch(data.images[idx], data.labels[idx], idx)
 
     model.train()
+    scaler = state.scaler if state.scaler is not None else grad_scaler(dev, "fp32")
     t0, n, total, infos = time.time(), 0, 0.0, {}
     for b in batches():
         aug = method(ctx, b)
         state.opt.zero_grad(set_to_none=True)
         if isinstance(aug, TwoPass):
-            loss = _two_pass(model, aug, dev)
+            loss = _two_pass(model, aug, dev, r.precision, scaler)
         else:
-            loss = soft_cross_entropy(model(aug.x.to(dev), **aug.forward_kwargs), aug.target.to(dev)).mean()
-            loss.backward()
+            loss, _ = _loss(model, aug.x.to(dev), aug.target.to(dev), r.precision, **aug.forward_kwargs)
+            scaler.scale(loss).backward()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(
                 f"classifier loss became {float(loss.detach())} in epoch {state.epoch + 1} "
                 f"(robust.lr={r.lr}); lower robust.lr - the last finished epoch's checkpoint is kept")
-        state.opt.step()
+        scaler.step(state.opt)  # fp16: skipped when the scaled gradients overflowed
+        scaler.update()
         state.sched.step()
         n += b.x.shape[0]
         total += float(loss.detach()) * b.x.shape[0]

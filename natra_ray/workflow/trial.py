@@ -4,10 +4,14 @@ evaluation suite, save the classifier, and say so to a Recorder.
     inputs = trial_inputs(cfg, layout, upstream, splits)      # codes + extra models, cached
     result = run_trial(cfg, inputs, out_dir, fit=in_process_fit, recorder=NullRecorder())
 
-``fit`` is the only part that differs between callers: ``in_process_fit`` trains in this process
-(the benchmark's tasks, tests, a GPU machine without Ray); the Ray layer passes one that runs a
-``TorchTrainer`` fed by the Ray Data stream (``distributed/train.py``). Everything else - the
-evaluation, the saved checkpoint, what is recorded - is this module's, once.
+Where the heavy work runs is what differs between callers, and they say it with capabilities:
+``fit`` trains the classifier, ``encode`` (to ``trial_inputs``) inverts the splits, ``score``
+runs the evaluation suite. The defaults do it in this process (the benchmark's tasks, tests, a
+GPU machine without Ray); the Ray layer passes a ``TorchTrainer`` fed by the Ray Data stream
+(``distributed/train.py``) and Ray tasks with the resources they need, over shards of the split
+and parts of the suite (``distributed/remote_stages.py``), so none of it runs in a trial driver
+that holds half a CPU. Everything else - the cache, the saved checkpoint, what is recorded - is
+this module's, once.
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ from natra_ray.stages import evaluate, gan, robust
 from natra_ray.stages.lce import LatentCodes
 from natra_ray.workflow.layout import StorageLayout
 from natra_ray.workflow.recorder import Recorder
-from natra_ray.workflow.upstream import (UPSTREAM_SEED, Upstream, coded_part, codes_path, extra_model_paths,
-                                         load_extra_models)
+from natra_ray.workflow.upstream import (UPSTREAM_SEED, Encode, Upstream, coded_part, codes_path, encode_in_process,
+                                         extra_model_paths, load_extra_models)
 
 # Upstream grids logged with each trial, per cache entry (the first few, sorted by name).
 UPSTREAM_IMAGES = 12
@@ -54,11 +58,11 @@ class TrialInputs:
 
 
 def trial_inputs(cfg: Config, layout: StorageLayout, upstream: Upstream, splits: Mapping[str, ImageDataset],
-                 report: Reporter = null_reporter) -> TrialInputs:
-    """The codes of every split (with the LCE count the method asks for) and its extra models,
-    from the cache or computed into it."""
+                 report: Reporter = null_reporter, encode: Encode = encode_in_process) -> TrialInputs:
+    """The codes of every split (with the LCE count the method asks for; ``encode`` computes
+    those the cache lacks) and its extra models, from the cache or computed into it."""
     n_codes = method_needs(cfg.robust.method).lce_codes(cfg.encoder.lce_codes)
-    codes = {name: codes_path(cfg, upstream, layout, name, coded_part(cfg, name, ds), n_codes)
+    codes = {name: codes_path(cfg, upstream, layout, name, coded_part(cfg, name, ds), n_codes, encode)
              for name, ds in splits.items()}
     return TrialInputs(dict(splits), upstream, codes, extra_model_paths(cfg, layout, splits["train"], report))
 
@@ -90,7 +94,7 @@ def _source(cfg: Config, up: Upstream, codes: LatentCodes, device: Optional[torc
     if num_directions > len(directions):
         raise ValueError(f"the attack asks for {num_directions} directions; {up.directions_path} holds {len(directions)}")
     return LatentSource(G, codes.ws, codes.alpha, codes.layer, directions, num_directions, (start, end),
-                        torch.full((len(codes),), float(cfg.robust.eps)))
+                        torch.full((len(codes),), float(cfg.robust.eps)), precision=cfg.robust.precision)
 
 
 # --------------------------------------------------------------------------- fitting
@@ -117,6 +121,34 @@ def in_process_fit(cfg: Config, inputs: TrialInputs, report: Reporter = null_rep
     return Fitted(state.bare.state_dict(), state.history)
 
 
+# --------------------------------------------------------------------------- scoring
+# score(cfg, inputs, model_state, out_dir) -> the evaluation suite's metrics (``test_*``), with
+# the files it makes (escaped_examples.png) written into out_dir.
+Score = Callable[[Config, TrialInputs, Mapping[str, torch.Tensor], Path], Dict[str, float]]
+
+
+def classifier_from(cfg: Config, num_classes: int, model_state: Mapping[str, torch.Tensor],
+                    device: torch.device) -> torch.nn.Module:
+    """The trial's classifier with ``model_state``, on ``device``, in eval mode."""
+    model = robust.build_classifier(cfg, num_classes)
+    model.load_state_dict(model_state)
+    return model.to(device).eval()
+
+
+def scoring_source(cfg: Config, up: Upstream, codes: Path, device: Optional[torch.device] = None) -> LatentSource:
+    """The evaluation source over the first ``eval.max_examples`` test codes."""
+    return eval_source(cfg, up, LatentCodes.load(codes).subset(slice(0, cfg.eval.max_examples)), device)
+
+
+def in_process_score(cfg: Config, inputs: TrialInputs, model_state: Mapping[str, torch.Tensor],
+                     out_dir: Path) -> Dict[str, float]:
+    """The whole evaluation suite here, on this process's device (``stages.evaluate.run``)."""
+    dev = resolve_device(cfg.device)
+    model = classifier_from(cfg, inputs.num_classes, model_state, dev)
+    return evaluate.run(cfg, model, inputs.splits["test"], scoring_source(cfg, inputs.upstream, inputs.codes["test"], dev),
+                        out_dir)
+
+
 # --------------------------------------------------------------------------- the trial
 @dataclass(frozen=True)
 class TrialResult:
@@ -130,9 +162,9 @@ def _numbers(m: Mapping[str, Any]) -> Dict[str, float]:
 
 
 def run_trial(cfg: Config, inputs: TrialInputs, out_dir: Path, fit: Fit, recorder: Recorder,
-              log_model: bool = False) -> TrialResult:
-    """Fit, evaluate on the test split, save ``classifier.pt`` in ``out_dir``, record it all.
-    ``log_model``: also log the classifier as an MLflow-style model (what the sweep registers)."""
+              log_model: bool = False, score: Score = in_process_score) -> TrialResult:
+    """Fit, evaluate on the test split (``score``), save ``classifier.pt`` in ``out_dir``, record
+    it all. ``log_model``: also log the classifier as an MLflow-style model (what the sweep registers)."""
     t0, out_dir = time.time(), Path(out_dir)
     recorder.set_tags(inputs.upstream.tags())
     recorder.log_dataset(dataset_card(cfg.data, inputs.splits))
@@ -141,12 +173,10 @@ def run_trial(cfg: Config, inputs: TrialInputs, out_dir: Path, fit: Fit, recorde
         recorder.log_metrics({k: v for k, v in m.items() if k != "epoch"}, step=int(m.get("epoch", 0)))
 
     fitted = fit(cfg, inputs, report)
-    model = robust.build_classifier(cfg, inputs.num_classes)
-    model.load_state_dict(fitted.model_state)
-    model.to(resolve_device(cfg.device)).eval()
-    test = inputs.splits["test"]
-    test_codes = LatentCodes.load(inputs.codes["test"]).subset(slice(0, cfg.eval.max_examples))
-    scores = evaluate.run(cfg, model, test, eval_source(cfg, inputs.upstream, test_codes), out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores = score(cfg, inputs, fitted.model_state, out_dir)
+    # saved and logged from the CPU: the heavy passes are done (in ``fit`` and ``score``)
+    model = classifier_from(cfg, inputs.num_classes, fitted.model_state, torch.device("cpu"))
     clf = robust.save_classifier(out_dir / "classifier.pt", model, cfg, inputs.num_classes,
                                  extra={"history": fitted.history, "method": cfg.robust.method})
     last = fitted.history[-1]
@@ -171,5 +201,5 @@ def extra_model_numbers(inputs: TrialInputs) -> Dict[str, float]:
     return out
 
 
-__all__ = ["TrialInputs", "trial_inputs", "latent_source", "eval_source", "Fitted", "Fit", "in_process_fit", "TrialResult",
-           "run_trial"]
+__all__ = ["TrialInputs", "trial_inputs", "latent_source", "eval_source", "scoring_source", "Fitted", "Fit",
+           "in_process_fit", "Score", "in_process_score", "classifier_from", "TrialResult", "run_trial"]

@@ -41,7 +41,7 @@ NOT_TRAINING_DATA = ("test_subset", "download")
 RETIRED_KEYS = {"data.num_workers": 0, "robust.clean_weight": 1.0}
 # Config keys added since, with their defaults: a key at its default stays out of every key, so
 # the entries made before it existed stay valid (and a changed value keys new ones).
-ADDED_KEYS = {"data.image_column": "image", "data.label_column": "label"}
+ADDED_KEYS = {"data.image_column": "image", "data.label_column": "label", "robust.precision": "fp32"}
 
 
 def drop_added_defaults(flat: Mapping[str, Any], section: str = "") -> Dict[str, Any]:
@@ -216,20 +216,38 @@ def coded_part(cfg: Config, split: str, ds: ImageDataset) -> ImageDataset:
     return ds.subset(slice(0, cfg.eval.max_examples))
 
 
-def codes_path(cfg: Config, up: Upstream, layout: StorageLayout, split: str, ds: ImageDataset, n_codes: int) -> Path:
-    """The cached latent codes (``lce.LatentCodes``) of split ``split``, encoded on first use."""
+# encode(cfg, upstream, images, n_codes, desc) -> the codes of ``images`` (a whole split). In
+# process by default; the Ray layer passes one that shards the split over GPU tasks
+# (distributed/remote_stages.py). The cache around it (``codes_path``) is the same either way.
+Encode = Callable[[Config, Upstream, torch.Tensor, int, str], lce.LatentCodes]
+RECON_IMAGES = 512  # the first images of a split whose reconstructions are scored (a multiple of lce.ENCODE_BATCH)
+
+
+def encode_in_process(cfg: Config, up: Upstream, images: torch.Tensor, n_codes: int, desc: str = "encoding",
+                      first_batch: int = 0) -> lce.LatentCodes:
+    """LCE of ``images`` on this process's device, with ``n_codes`` codes each. The shard that
+    starts the split (``first_batch`` 0) also scores the reconstructions of its first
+    ``RECON_IMAGES`` images (``recon_*`` in the codes' meta)."""
     dev = resolve_device(cfg.device)
+    G = gan.load_generator(up.generator_path).to(dev)
+    E = bies.load_encoder(up.encoder_path, G).to(dev)
+    perc = Perceptual.from_config(cfg.encoder).to(dev) if n_codes > 1 else None
+    enc = dataclasses.replace(cfg.encoder, lce_codes=n_codes)
+    codes = lce.encode_dataset(G, E, images, enc, perceptual=perc, desc=desc, first_batch=first_batch)
+    if first_batch == 0:
+        recon = lce.recon_metrics(G, codes.subset(slice(0, RECON_IMAGES)), images[:RECON_IMAGES], perc)
+        codes.meta.update({f"recon_{k}": v for k, v in recon.items()})
+    return codes
+
+
+def codes_path(cfg: Config, up: Upstream, layout: StorageLayout, split: str, ds: ImageDataset, n_codes: int,
+               encode: Encode = encode_in_process) -> Path:
+    """The cached latent codes (``lce.LatentCodes``) of split ``split``, encoded on first use."""
 
     def produce(tmp: Path) -> Dict[str, Any]:
-        G = gan.load_generator(up.generator_path).to(dev)
-        E = bies.load_encoder(up.encoder_path, G).to(dev)
-        perc = Perceptual.from_config(cfg.encoder).to(dev) if n_codes > 1 else None
-        enc = dataclasses.replace(cfg.encoder, lce_codes=n_codes)
-        codes = lce.encode_dataset(G, E, ds.images, enc, perceptual=perc, desc=f"encoding {split}")
+        codes = encode(cfg, up, ds.images, n_codes, f"encoding {split}")
         codes.save(tmp / "codes.pt")
-        recon = lce.recon_metrics(G, codes.subset(slice(0, 512)), ds.images[:512], perc)
-        return {**{k: v for k, v in codes.meta.items() if isinstance(v, (int, float))},
-                **{f"recon_{k}": v for k, v in recon.items()}}
+        return {k: v for k, v in codes.meta.items() if isinstance(v, (int, float))}
 
     title = f"encoding the {split} split ({len(ds)} images, {n_codes} code(s) each)"
     return _cached_stage(title, layout, f"codes-{split}", codes_key(cfg, up, split, len(ds), n_codes), produce) / "codes.pt"
@@ -267,5 +285,6 @@ def load_extra_models(paths: Mapping[str, Path], device: torch.device) -> Dict[s
 
 
 __all__ = ["UPSTREAM_SEED", "SPLITS", "Upstream", "upstream_keys", "upstream_stage", "applied_per_trial",
-           "prepare_upstream", "load_splits", "codes_key", "codes_path", "extra_model_key", "extra_model_paths",
-           "load_extra_models", "keyed_dict", "RETIRED_KEYS", "ADDED_KEYS", "drop_added_defaults"]
+           "prepare_upstream", "load_splits", "codes_key", "coded_part", "codes_path", "Encode", "encode_in_process",
+           "extra_model_key", "extra_model_paths", "load_extra_models", "keyed_dict", "RETIRED_KEYS", "ADDED_KEYS",
+           "drop_added_defaults"]
