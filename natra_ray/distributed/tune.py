@@ -96,6 +96,7 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     import ray
 
     from natra_ray.distributed.ray_init import init_ray
+    from natra_ray.distributed.storage import check_shared
     from natra_ray.distributed.tracking import (SweepTracker, check_tracking, given_tracking_uri, recorded_parent_run,
                                                 resolve_tracking_uri, save_parent_run)
 
@@ -111,6 +112,7 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     if uri:  # a given store must answer (the default SQLite file is created below)
         check_tracking(uri)
     init_ray(cfg)
+    check_shared(layout)  # every node must open what the head stores (the cache, checkpoints)
     total_cpus = float(ray.cluster_resources().get("CPU", 0))
     concurrent = max_concurrent(cfg, total_cpus)
     log.info("cluster: %g CPUs; each trial needs %g -> %d concurrent trial(s)", total_cpus, trial_cpus(cfg), concurrent)
@@ -142,6 +144,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     from natra_ray.distributed.tracking import open_ui_command, register_best
     from natra_ray.distributed.upstream import prepare_upstream
     from natra_ray.distributed.references import run_references
+    from natra_ray.distributed.storage import trial_resources
 
     # 3. upstream once
     upstream = prepare_upstream(cfg, layout)
@@ -177,7 +180,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, cfg=cfg, space=space, layout=layout, upstream=upstream,
                              tracking=tracker.trial_spec()),
-        {"CPU": cfg.tune.driver_cpus})
+        {"CPU": cfg.tune.driver_cpus, **trial_resources(cfg)})
     exp_path = layout.tune_experiment(cfg.tune.name)
     run_config = tune.RunConfig(name=cfg.tune.name, storage_path=str(layout.tune),
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbosity())
