@@ -75,7 +75,8 @@ def files_from_run(args: argparse.Namespace, tmp: Path):
     from natra_ray.explorer import ArtifactError, from_cache_names
     from natra_ray.workflow.layout import StorageLayout
 
-    cfg = from_dict({"tune": {"storage_path": args.storage}} if args.storage else {})
+    # a local folder named on this machine's command line: absolute, as tune.storage_path must be
+    cfg = from_dict({"tune": {"storage_path": str(Path(args.storage).expanduser().resolve())}} if args.storage else {})
     uri = validate_tracking_uri(args.tracking_uri, "--tracking-uri") if args.tracking_uri else resolve_tracking_uri(cfg)
     got = fetch_trial_files(uri, args.run_id, tmp)
     roots = [Path(args.storage)] if args.storage else []

@@ -89,20 +89,22 @@ def _plain_keep_tensors(obj: Any) -> Any:
     return obj
 
 
-def load_tensors(path: str | Path, kind: str) -> Dict[str, Any]:
-    """Load a ``save_tensors`` file safely; checks its kind and format version."""
-    d = _safe_load(Path(path))
+def load_tensors(path: str | Path, kind: str, mmap: bool = False) -> Dict[str, Any]:
+    """Load a ``save_tensors`` file safely; checks its kind and format version. ``mmap``: the
+    tensors stay in the file's pages (read on first touch, shared by every process of the node
+    that maps it) instead of being copied into this process's memory."""
+    d = _safe_load(Path(path), mmap)
     if not isinstance(d, dict) or d.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} file")
     _check_version(Path(path), d.get("format_version"))
     return d
 
 
-def _safe_load(path: Path) -> Any:
+def _safe_load(path: Path, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it contains objects that are not plain tensors/containers "

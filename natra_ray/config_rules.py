@@ -19,6 +19,7 @@ search space), so a rule's test may assume the value has its field's type.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,13 @@ RULES: dict[str, Rule] = {
     "tune.data_gpus": within(0, 1, why="a share of one GPU"),
     "tune.references": Rule(lambda ms: all(m in _methods() for m in ms), "a list of registered augmentation methods",
                             names=_methods),
+    "tune.storage_path": Rule(lambda v: storage_problem(v) is None,
+                              "be '' or an absolute path that every node mounts at the same place (EFS/NFS); "
+                              "object-store URIs cannot hold the stage cache (it locks and renames files): "
+                              "mount the bucket and give the mount's path"),
+    "tune.trial_resources": Rule(lambda rs: resources_problem(rs) is None,
+                                 "list custom Ray resources as NAME=AMOUNT (e.g. [node2=1]), AMOUNT > 0, "
+                                 "NAME not CPU, GPU or memory"),
     "benchmark.seeds": Rule(lambda s: len(s) >= 1, "list at least one seed"),
     **_each("benchmark", "epochs train_examples val_examples eval_examples",
             at_least(0, "0 = the profile's own value")),
@@ -138,6 +146,37 @@ def value_problem(key: str, value: Any, subject: str = "") -> str | None:
     """What is wrong with ``value`` for ``key`` on its own (None: nothing, or no rule)."""
     rule = RULES.get(key)
     return rule.problem(key, value, subject) if rule else None
+
+
+def storage_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the storage root (None: it can). A URI (``s3://``, ``gs://``,
+    ``file://``) is refused, and so is a relative path: the driver of ``ray job submit`` runs in
+    a temporary copy of the working directory, and other nodes resolve it against their own."""
+    if path == "":
+        return None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", path):
+        return f"{path!r} is a URI"
+    if not path.startswith(("/", "~")):
+        return f"{path!r} is relative"
+    return None
+
+
+def parse_resources(entries: Sequence[str]) -> dict[str, float]:
+    """``["node2=1", "a10g=0.5"]`` -> ``{"node2": 1.0, "a10g": 0.5}`` (entries already valid)."""
+    return {name.strip(): float(amount) for name, _, amount in (e.partition("=") for e in entries)}
+
+
+def resources_problem(entries: Sequence[str]) -> str | None:
+    for e in entries:
+        name, eq, amount = e.partition("=")
+        if not (eq and re.match(r"^[A-Za-z_][A-Za-z0-9_.:\-]*$", name.strip())) or name.strip() in ("CPU", "GPU", "memory"):
+            return f"bad entry {e!r}"
+        try:
+            if float(amount) <= 0:
+                return f"bad amount in {e!r}"
+        except ValueError:
+            return f"bad amount in {e!r}"
+    return None
 
 
 # --------------------------------------------------------------------------- two keys, ordered

@@ -261,7 +261,13 @@ class TuneConfig:
     # available_node_types can add, not only the live ones. "" = ~/ray_bootstrap_config.yaml
     # when present (the head of a `ray up` cluster), else the live nodes alone.
     cluster_yaml: str = ""
-    storage_path: str = ""  # "" = ~/natra_ray_results (absolute, survives `ray job submit`)
+    # The one storage root of everything that outlives a node or is read by another (stage cache,
+    # codes, Train checkpoints, Tune state, trial outputs, the default MLflow store): on a
+    # cluster, a path every node mounts (EFS/NFS). "" = $NATRA_STORAGE, else ~/natra_ray_results.
+    storage_path: str = ""
+    # Custom Ray resources each trial bundle asks for (its driver and each Train worker), as
+    # NAME=AMOUNT: [node2=1] puts trials only on nodes started with --resources='{"node2": N}'.
+    trial_resources: tuple[str, ...] = ()
 
     @property
     def inline(self) -> bool:

@@ -122,3 +122,108 @@ def stop_head(head: Head) -> None:
     current = Path("/tmp/ray/ray_current_cluster")
     if current.exists() and current.read_text().strip().endswith(f":{head.port}"):
         current.unlink()
+
+
+# --------------------------------------------------------------------------- a second node
+@dataclass
+class Node:
+    """A worker node joined to a ``Head``, in its own mount namespace (``start_node``)."""
+
+    proc: subprocess.Popen
+    temp_dir: str
+    stash: str
+    log: IO[str]
+
+
+_HIDE_AND_EXEC = """set -e
+mount --make-rprivate /
+mount --bind "$SHARED" "$STASH"
+for p in $PRIVATE; do mount -t tmpfs natra-private "$p"; done
+mkdir -p "$SHARED"
+mount --bind "$STASH" "$SHARED"
+exec "$@"
+"""
+
+
+def start_node(head: Head, log_path: str | os.PathLike, shared: str | os.PathLike, private: List[str],
+               num_cpus: int = 2, resources: Optional[Dict[str, float]] = None, timeout_s: float = 120,
+               attempts: int = 3) -> Node:
+    """``_start_node``, tried again when the node gave up starting: on a loaded machine its raylet
+    can time out waiting for its own agents (a fixed wait in Ray)."""
+    for attempt in range(attempts):
+        try:
+            return _start_node(head, log_path, shared, private, num_cpus, resources, timeout_s)
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_node(head: Head, log_path: str | os.PathLike, shared: str | os.PathLike, private: List[str],
+                num_cpus: int, resources: Optional[Dict[str, float]], timeout_s: float) -> Node:
+    """``ray start --address`` as a second node that sees its own empty folders over ``private``
+    (the default storage, the head's temp dir, the test's tmp folders...) and, of everything
+    they hid, only ``shared``: what a real second machine sees of the first. Needs root (a
+    mount namespace, ``unshare --mount``); the node shares the network, so its ports are picked free."""
+    import json
+
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    ports = free_ports(len(flags))
+    temp_dir = tempfile.mkdtemp(prefix="natra-n2-", dir="/tmp")
+    stash = tempfile.mkdtemp(prefix="natra-stash-", dir="/tmp")  # where `shared` waits while its parents are hidden
+    for p in private:
+        Path(p).mkdir(parents=True, exist_ok=True)  # a mount point must exist
+    cmd = [RAY, "start", f"--address={head.address}", "--block", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats",
+           f"--resources={json.dumps(resources or {})}", *[f"--{f}={p}" for f, p in zip(flags, ports)]]
+    log = open(log_path, "w")
+    env = {**os.environ, "SHARED": str(shared), "STASH": stash, "PRIVATE": " ".join(map(str, private)),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "120"}
+    proc = subprocess.Popen(["unshare", "--mount", "--", "bash", "-c", _HIDE_AND_EXEC, "node", *cmd],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    node = Node(proc, temp_dir, stash, log)
+    deadline = time.time() + timeout_s
+    while "Ray runtime started" not in Path(log_path).read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            stop_node(node)
+            raise RuntimeError(f"the second node did not start; see {log_path}")
+        time.sleep(0.5)
+    return node
+
+
+def _descendants(pid: int) -> List[int]:
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def kill_node(node: Node) -> None:
+    """SIGKILL every process of the node (its ``ray start``, raylet, workers): a lost machine.
+    Found by ancestry, so no process of the head or of any other cluster is touched."""
+    import signal
+
+    for pid in _descendants(node.proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.proc.wait(timeout=30)
+
+
+def stop_node(node: Node) -> None:
+    if node.proc.poll() is None:
+        kill_node(node)
+    shutil.rmtree(node.temp_dir, ignore_errors=True)
+    shutil.rmtree(node.stash, ignore_errors=True)
+    node.log.close()

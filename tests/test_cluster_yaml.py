@@ -41,3 +41,19 @@ def test_trials_on_worker_nodes_reach_the_tracking_server():
     assert f'MLFLOW_TRACKING_URI="http://{private[1:-1]}:{server.group(2)}"' in start
     ui = re.search(r"mlflow ui --host 127\.0\.0\.1 --port (\d+)", setup)
     assert ui and ui.group(1) != server.group(2)
+
+
+def test_every_node_mounts_the_one_storage_root_and_jobs_use_it():
+    """setup_commands (every node) mount the shared file system at the path the head's jobs get
+    as NATRA_STORAGE, which natra_ray takes as tune.storage_path when none is given."""
+    import re
+
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    setup = " ".join(cfg["setup_commands"])
+    mount = re.search(r"mount -t nfs4 .* (/\S+?)\) && sudo chown", setup)
+    assert mount, setup
+    root = mount.group(1)
+    assert f"NATRA_STORAGE={root} ray start --head" in " ".join(cfg["head_start_ray_commands"])
+    from natra_ray.config_rules import storage_problem
+
+    assert storage_problem(root) is None

@@ -155,3 +155,20 @@ def test_one_rule_two_framings():
     assert config_rules.value_problem("robust.eps", 0.0) is None
     assert config_rules.value_problem("robust.momentum", -5.0) is None  # no rule for that key
     assert plain({"a": (1, (2, 3))}) == {"a": [1, [2, 3]]}
+
+
+@pytest.mark.parametrize("root, why", [("s3://bucket/natra", "object-store URIs cannot hold the stage cache"),
+                                       ("results/natra", "an absolute path")])
+def test_storage_root_must_be_a_path_every_node_opens(root, why):
+    with pytest.raises(ConfigError, match=why):
+        load_config("smoke", overrides=[f"tune.storage_path={root}"])
+
+
+def test_trial_resources_are_custom_ray_resources():
+    from natra_ray.distributed.storage import trial_resources
+
+    cfg = load_config("smoke", overrides=["tune.trial_resources=[node2=1, a10g=0.5]"])
+    assert trial_resources(cfg) == {"node2": 1.0, "a10g": 0.5}
+    for bad in ("[GPU=1]", "[node2]", "[node2=0]", "[node2=x]"):
+        with pytest.raises(ConfigError, match="tune.trial_resources must list custom Ray resources"):
+            load_config("smoke", overrides=[f"tune.trial_resources={bad}"])

@@ -35,9 +35,12 @@ def use_gpu(cfg: Config) -> bool:
 def scaling_config(cfg: Config):
     from ray.train import ScalingConfig
 
+    from natra_ray.distributed.storage import trial_resources
+
     gpu = use_gpu(cfg)
     return ScalingConfig(num_workers=cfg.tune.train_workers, use_gpu=gpu,
-                         resources_per_worker={"CPU": cfg.tune.cpus_per_worker, **({"GPU": 1} if gpu else {})})
+                         resources_per_worker={"CPU": cfg.tune.cpus_per_worker, **({"GPU": 1} if gpu else {}),
+                                               **trial_resources(cfg)})
 
 
 def _save_state(state: Dict[str, Any]):
@@ -141,7 +144,8 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     from natra_ray.stages import robust
     from natra_ray.stages.lce import LatentCodes
     from natra_ray.workflow.trial import eval_source, latent_source
-    from natra_ray.workflow.upstream import load_extra_models, load_splits
+    from natra_ray.data import load_dataset
+    from natra_ray.workflow.upstream import UPSTREAM_SEED, load_extra_models
 
     setup_worker()
     job: RobustJob = config["job"]
@@ -151,8 +155,10 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     device = ray.train.torch.get_device()
-    splits = load_splits(cfg)
-    codes = {k: LatentCodes.load(job.codes[k]) for k in ("train", "val")}
+    # Only what this worker reads: the train and val splits (the test split is the trial driver's),
+    # and the codes memory-mapped, so only the rows of the examples it visits are read.
+    splits = {k: load_dataset(cfg.data, k, seed=UPSTREAM_SEED) for k in ("train", "val")}
+    codes = {k: LatentCodes.load(job.codes[k], mmap=True) for k in ("train", "val")}
     latent = latent_source(cfg, job.upstream(), codes["train"], device) if method_needs(cfg.robust.method).latent else None
     # the fixed evaluation attack, not robust.*; on this worker's device (``cuda`` alone can name
     # another worker's GPU when Ray Train shows a node's GPUs to all its workers)
@@ -180,12 +186,15 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
             pbar.update(1)
             yield stream_batch(b, device)
 
+    # This rank's examples, fixed for the whole run (every world-th one): it reads only their rows
+    # of the codes. Each epoch visits them in a new seeded order, ``steps`` batches of
+    # ``per_worker`` on every rank (one process: the whole split, as before).
+    shard_rows = torch.arange(rank, len(train), world)
+
     def memory_batches():
-        # The same seeded permutation on every rank, each taking its stride: DistributedSampler.
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + state.epoch))
-        usable = (len(perm) // cfg.robust.batch_size) * cfg.robust.batch_size
-        for i in range(0, usable, cfg.robust.batch_size):
-            idx = perm[i:i + cfg.robust.batch_size][rank::world]
+        perm = shard_rows[torch.randperm(len(shard_rows), generator=torch.Generator().manual_seed(cfg.seed + state.epoch))]
+        for i in range(0, steps * per_worker, per_worker):
+            idx = perm[i:i + per_worker]
             pbar.update(1)
             yield Batch(train.images[idx], train.labels[idx], idx)
 
@@ -205,6 +214,7 @@ def robust_worker_loop(config: Dict[str, Any]) -> None:
         if latent is not None and world > 1:
             all_reduce_budgets(latent.eps, eps_before)
         m.update(robust.val_metrics(cfg, state.bare, splits["val"], val_latent))
+        m["worker_peak_rss_mb"] = peak_rss_mb()  # rank 0's; every rank holds the same-sized shard
         if resumed_from is not None:  # the history shows where a lost worker picked up
             m["resumed_from_epoch"], resumed_from = float(resumed_from), None
         state.history.append(m)
@@ -255,6 +265,13 @@ def ray_fit(storage_path: Path, run_name: str, callbacks: Optional[List[Any]] = 
             report(m)
         return Fitted(state["model"], state["history"])
     return fit
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def diverged_file(storage_path: Path, run_name: str) -> Path:

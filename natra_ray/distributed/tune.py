@@ -56,7 +56,7 @@ def precheck_cluster(cfg: Config, nodes, num_samples: Optional[int] = None) -> S
     return sweep_plan(cfg, cluster_node_types(cfg, nodes), use_gpu(cfg), num_samples)
 
 
-def trial_resources(cfg: Config) -> Dict[str, float]:
+def trial_process_resources(cfg: Config) -> Dict[str, float]:
     """What Tune reserves for the trial's own process: the first of its bundles (inline, the
     whole trial; else its driver, whose TorchTrainer asks for the workers' own)."""
     from natra_ray.distributed.train import use_gpu
@@ -133,6 +133,7 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     import ray
 
     from natra_ray.distributed.ray_init import init_ray
+    from natra_ray.distributed.storage import check_shared
     from natra_ray.distributed.tracking import (SweepTracker, check_tracking, given_tracking_uri, recorded_parent_run,
                                                 resolve_tracking_uri, save_parent_run)
 
@@ -151,6 +152,7 @@ def run_sweep(cfg: Config, resume: bool = False, num_samples: Optional[int] = No
     if declared:  # a bad cluster config fails before Ray starts
         node_types_from_yaml(declared)
     init_ray(cfg)
+    check_shared(layout)  # every node must open what the head stores (the cache, checkpoints)
     plan = precheck_cluster(cfg, ray.nodes(), num_samples)
     concurrent = plan.concurrent
     log.info("%s", plan.describe())
@@ -186,6 +188,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     from natra_ray.distributed.tracking import open_ui_command, register_best
     from natra_ray.distributed.upstream import prepare_upstream
     from natra_ray.distributed.references import run_references
+    from natra_ray.distributed.storage import trial_resources
 
     # 3. upstream once
     upstream = prepare_upstream(cfg, layout)
@@ -227,7 +230,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, cfg=cfg, space=space, layout=layout, upstream=upstream,
                              tracking=tracker.trial_spec()),
-        trial_resources(cfg))
+        {**trial_process_resources(cfg), **trial_resources(cfg)})
     exp_path = layout.tune_experiment(cfg.tune.name)
     run_config = tune.RunConfig(name=cfg.tune.name, storage_path=str(layout.tune),
                                 failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbosity())

@@ -146,8 +146,10 @@ class LatentCodes:
                                                    "layer": int(self.layer), "meta": self.meta})
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatentCodes":
-        d = load_tensors(path, "latent_codes")
+    def load(cls, path: str | Path, mmap: bool = False) -> "LatentCodes":
+        """``mmap``: rows are read from the file when indexed (a Train worker reads its shard's
+        rows only, and the workers of one node share one copy in the page cache)."""
+        d = load_tensors(path, "latent_codes", mmap=mmap)
         return cls(d["ws"], d["alpha"], int(d["layer"]), d.get("meta", {}))
 
 

@@ -13,6 +13,11 @@
   reports/                    reports of the one-off jobs
   mlflow.db, mlartifacts/     the default local MLflow store
 ```
+
+Everything here outlives a node or is read by another, so on a cluster the root is one shared
+file system (``tune.storage_path``; ``ray_cluster.yaml`` mounts EFS): a trial on any node opens
+the cache entries, codes and checkpoints the head wrote. Node-local disk holds scratch only
+(a checkpoint being written before Ray Train copies it here, Ray's own session files).
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from natra_ray.config import ConfigError
+from natra_ray.config_rules import storage_problem
 
 # Folders that hold one trained classifier per sub-folder (what the explorer can open).
 CLASSIFIER_FOLDERS = ("trials", "runs")
@@ -31,11 +39,20 @@ class StorageLayout:
 
     @classmethod
     def from_config(cls, storage_path: str = "") -> "StorageLayout":
-        """``tune.storage_path``, else ``$NATRA_STORAGE``, else ``~/natra_ray_results``; absolute,
-        because a job sent with ``ray job submit`` runs in a temporary copy of its working dir,
-        where a relative default would silently vanish."""
-        root = storage_path or os.environ.get("NATRA_STORAGE") or str(Path.home() / "natra_ray_results")
+        """``tune.storage_path``, else ``$NATRA_STORAGE``, else ``~/natra_ray_results``; resolved
+        once, in the driver, to the absolute path every node opens (a relative path would name
+        another folder on each node, and vanish with ``ray job submit``'s temporary copy of the
+        working dir). On a cluster it must be a file system every node mounts at that path."""
+        env = os.environ.get("NATRA_STORAGE", "")
+        if not storage_path and (problem := storage_problem(env)):
+            raise ConfigError(f"$NATRA_STORAGE {problem}: give an absolute path that every node mounts (EFS/NFS)")
+        root = storage_path or env or str(Path.home() / "natra_ray_results")
         return cls(Path(root).expanduser().resolve())
+
+    @property
+    def is_default(self) -> bool:
+        """The home-directory default: on a cluster, a folder of the head node's own disk."""
+        return self.root == (Path.home() / "natra_ray_results").resolve()
 
     @property
     def cache(self) -> Path:
