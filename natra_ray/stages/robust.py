@@ -24,6 +24,7 @@ from natra_ray.config import Config
 from natra_ray.data import ImageDataset
 from natra_ray.data.shifts import shift_suite
 from natra_ray.models import create_classifier
+from natra_ray import progress
 from natra_ray.precision import autocast, grad_scaler
 from natra_ray.runtime import Reporter, null_reporter
 
@@ -145,7 +146,7 @@ def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device, precision: str 
 
 def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Optional[LatentSource],
                 generator: torch.Generator, batches: Optional[Callable[[], Any]] = None,
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+                extra: Optional[Dict[str, Any]] = None, on_batch: Callable[[], Any] = lambda: None) -> Dict[str, float]:
     """One epoch of ``robust.method`` over ``data`` (or over the ``batches()`` iterator of
     ``Batch`` objects, which is how the Ray Data stream feeds a Train worker). ``extra`` holds
     the models a method needs besides the latent source (``{"vae": ...}`` for vae_mixup)."""
@@ -167,6 +168,7 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
     scaler = state.scaler if state.scaler is not None else grad_scaler(dev, "fp32")
     t0, n, total, infos = time.time(), 0, 0.0, {}
     for b in batches():
+        on_batch()
         aug = method(ctx, b)
         state.opt.zero_grad(set_to_none=True)
         if isinstance(aug, TwoPass):
@@ -246,8 +248,9 @@ def train(cfg: Config, train: ImageDataset, val: ImageDataset, latent: Optional[
         raise ValueError(f"the training split has {len(train)} images, fewer than robust.batch_size")
     state = make_state(cfg, num_classes, steps, device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    bar = progress.bar(cfg.robust.epochs * steps, f"training {cfg.robust.method} ({cfg.robust.epochs} epochs)", unit="batch")
     while state.epoch < cfg.robust.epochs:
-        m = train_epoch(cfg, state, train, latent, gen, extra=extra)
+        m = train_epoch(cfg, state, train, latent, gen, extra=extra, on_batch=lambda: bar.update(1))
         t0 = time.time()
         m.update(val_metrics(cfg, state.model, val, val_latent))
         m["val_seconds"] = time.time() - t0  # with epoch_seconds: a trial's work, the rest overhead
@@ -255,6 +258,7 @@ def train(cfg: Config, train: ImageDataset, val: ImageDataset, latent: Optional[
         report(m)
         log.info("robust[%s] epoch %d: %s", cfg.robust.method, state.epoch,
                  " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "epoch"))
+    bar.close()
     return state
 
 
