@@ -30,8 +30,6 @@ def test_only_ssh_is_open_to_the_world_and_ui_ports_bind_loopback():
 def test_trials_on_worker_nodes_reach_the_tracking_server():
     """The tracking server binds the head's private address (not loopback, which trial drivers
     on other nodes cannot reach, and not 0.0.0.0), and jobs started on the head get its URI."""
-    import re
-
     cfg = yaml.safe_load(CLUSTER.read_text())
     setup = " ".join(cfg["head_setup_commands"])
     server = re.search(r'mlflow server --host ("[^"]+"|\S+) --port (\d+)', setup)
@@ -47,8 +45,6 @@ def test_trials_on_worker_nodes_reach_the_tracking_server():
 def test_every_node_mounts_the_one_storage_root_and_jobs_use_it():
     """setup_commands (every node) mount the shared file system at the path the head's jobs get
     as NATRA_STORAGE, which natra_ray takes as tune.storage_path when none is given."""
-    import re
-
     cfg = yaml.safe_load(CLUSTER.read_text())
     setup = " ".join(cfg["setup_commands"])
     mount = re.search(r"mount -t nfs4 .* (/\S+?)\) && sudo chown", setup)

@@ -11,12 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from natra_ray.augment import AugmentContext, Batch, create_method
-from natra_ray.augment.latent import LatentSource, smooth_labels
+from natra_ray.augment.latent import smooth_labels
 from natra_ray.augment.pool import TwoPass
 from natra_ray.config import ConfigError, load_config
-from natra_ray.data import ImageDataset
-from natra_ray.models import create_generator
-from natra_ray.models.latent import Directions, resolve_layer_range
 from natra_ray.stages import robust
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,22 +27,9 @@ def _cfg(**over):
 
 
 def _tiny(cfg, n=64, device=DEVICE):
-    from sklearn.datasets import load_digits
+    from test_fast_latent import _tiny as tiny
 
-    d = load_digits()
-    x = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=32)
-    ds = ImageDataset(x[:n], torch.tensor(d.target)[:n], [str(i) for i in range(10)])
-    torch.manual_seed(0)
-    G = create_generator("style_tiny", resolution=32, img_channels=1).eval().requires_grad_(False)
-    k = cfg.robust.num_directions
-    q, _ = torch.linalg.qr(torch.randn(G.w_dim, k))
-    with torch.no_grad():
-        ws = G.broadcast(G.mapping(G.sample_z(n)))[:, None]
-    G = G.to(device)
-    src = LatentSource(G, ws, torch.ones(n, 1, G.layer_shape(0)[0]), 0,
-                       Directions(q.t().contiguous(), torch.ones(k), "test"), k, resolve_layer_range(G, 0, -1),
-                       torch.full((n,), float(cfg.robust.eps)), precision=cfg.robust.precision)
-    return ds, src
+    return tiny(cfg, n, device)
 
 
 def test_the_budgets_live_on_the_attack_device_and_the_codes_on_the_cpu():

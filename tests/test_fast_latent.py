@@ -32,8 +32,9 @@ def _pool_cfg(select="gradient", **over):
                    "robust.pool_refresh": 2, **over})
 
 
-def _tiny(cfg, n=96):
-    """Digits at 32 px and a LatentSource over a real (untrained) style_tiny generator."""
+def _tiny(cfg, n=96, device="cpu"):
+    """Digits at 32 px and a LatentSource over a real (untrained) style_tiny generator on
+    ``device`` (the codes stay on the CPU)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -46,9 +47,9 @@ def _tiny(cfg, n=96):
     with torch.no_grad():
         ws = G.broadcast(G.mapping(G.sample_z(n)))[:, None]
     start, end = resolve_layer_range(G, 0, -1)
-    src = LatentSource(G, ws, torch.ones(n, 1, G.layer_shape(0)[0]), 0,
+    src = LatentSource(G.to(device), ws, torch.ones(n, 1, G.layer_shape(0)[0]), 0,
                        Directions(q.t().contiguous(), torch.ones(k), "test"), k, (start, end),
-                       torch.full((n,), float(cfg.robust.eps)))
+                       torch.full((n,), float(cfg.robust.eps)), precision=cfg.robust.precision)
     return ds, src
 
 

@@ -35,6 +35,19 @@ def _train_worker_pids(address: str) -> list:
     return [a.pid for a in alive]
 
 
+def wait_for_registered_checkpoint(run: Path, timeout: float = 600) -> None:
+    """Until the Train controller of ``run`` has registered a checkpoint (its snapshot lists one)."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+
+
 def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, ray_session, tmp_path):
     from natra_ray.distributed.train import fit_robust, load_result_state
     from natra_ray.workflow.upstream import load_splits
@@ -53,15 +66,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, ray_sessio
     def kill_after_first_checkpoint():
         # Wait until the controller has *registered* a checkpoint (its snapshot lists one); a
         # directory alone may still be mid-report, and a worker killed then restarts from scratch.
-        snapshot = tmp_path / "ray" / "faulty" / "checkpoint_manager_snapshot.json"
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.1)
+        wait_for_registered_checkpoint(tmp_path / "ray" / "faulty")
         pids = _train_worker_pids(ray_cluster["address"])
         for pid in pids:  # epoch 2 is running now: kill it mid-epoch
             os.kill(pid, signal.SIGKILL)

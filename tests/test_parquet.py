@@ -201,6 +201,16 @@ def test_bad_files_fail_in_one_line_saying_what_to_do(tmp_path, fm, case):
 
 
 # --------------------------------------------------------------------------- Ray Data
+def _assert_one_pass_of(rows, train) -> None:
+    """A stream's epoch holds each example of ``train`` once, with its pixels and label at its position."""
+    idx = np.array([r["idx"] for r in rows])
+    assert sorted(idx.tolist()) == list(range(len(train)))
+    images = torch.from_numpy(np.stack([r["image"] for r in rows]))
+    assert images.dtype == torch.float32 and images.shape[1:] == (1, 32, 32)
+    assert torch.equal(images, train.images[idx])
+    assert torch.equal(torch.tensor([r["label"] for r in rows]), train.labels[idx])
+
+
 @pytest.mark.ray
 def test_ray_data_stream_decodes_in_tasks_the_rows_the_trial_trains_on(ray_session, hf_folder, binary_file):
     """Every epoch's stream holds each training example once, with the pixels and label that
@@ -213,13 +223,7 @@ def test_ray_data_stream_decodes_in_tasks_the_rows_the_trial_trains_on(ray_sessi
         cfg = load_config("smoke", overrides={"data.dataset": "parquet", "data.root": str(root),
                                               "data.train_subset": 200})
         train = load_splits(cfg)["train"]
-        rows = parquet_stream(cfg, len(train), rows_per_block=32).take_all()
-        idx = np.array([r["idx"] for r in rows])
-        assert sorted(idx.tolist()) == list(range(len(train)))
-        images = torch.from_numpy(np.stack([r["image"] for r in rows]))
-        assert images.dtype == torch.float32 and images.shape[1:] == (1, 32, 32)
-        assert torch.equal(images, train.images[idx])
-        assert torch.equal(torch.tensor([r["label"] for r in rows]), train.labels[idx])
+        _assert_one_pass_of(parquet_stream(cfg, len(train), rows_per_block=32).take_all(), train)
 
 
 @pytest.mark.ray
@@ -240,11 +244,7 @@ def test_image_folder_stream_reads_the_files_with_read_images(ray_session, tmp_p
     cfg = load_config("smoke", overrides={"data.dataset": "image_folder", "data.root": str(tmp_path),
                                           "data.train_subset": 0})
     train = load_splits(cfg)["train"]
-    rows = image_folder_stream(cfg, len(train), rows_per_block=16).take_all()
-    idx = np.array([r["idx"] for r in rows])
-    assert sorted(idx.tolist()) == list(range(len(train)))
-    assert torch.equal(torch.from_numpy(np.stack([r["image"] for r in rows])), train.images[idx])
-    assert torch.equal(torch.tensor([r["label"] for r in rows]), train.labels[idx])
+    _assert_one_pass_of(image_folder_stream(cfg, len(train), rows_per_block=16).take_all(), train)
 
 
 def _env(ray_cluster) -> dict:

@@ -16,13 +16,11 @@ A cluster of its own (not the session's): the second node hides folders the othe
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,6 +137,7 @@ def test_lost_node_resumes_on_the_head_from_the_shared_checkpoint(two_nodes):
     from natra_ray.distributed.train import fit_robust, load_result_state
     from natra_ray.workflow.upstream import load_splits
 
+    from test_faults import wait_for_registered_checkpoint
     from test_ray_layer import tiny_job
 
     address = two_nodes["address"]
@@ -165,15 +164,7 @@ def test_lost_node_resumes_on_the_head_from_the_shared_checkpoint(two_nodes):
         seen = {}
 
         def lose_node_after_first_checkpoint():
-            snapshot = run / "checkpoint_manager_snapshot.json"
-            deadline = time.time() + 600
-            while time.time() < deadline:
-                try:
-                    if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                        break
-                except (OSError, ValueError):
-                    pass
-                time.sleep(0.1)
+            wait_for_registered_checkpoint(run)
             seen["workers"] = {a.node_id for a in _actors(address, "RayTrainWorker") if a.state == "ALIVE"}
             kill_node(two_nodes["node"])
             seen["killed"] = True
