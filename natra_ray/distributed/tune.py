@@ -198,8 +198,9 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     from natra_ray.workflow.labels import label_preservation
     from natra_ray.workflow.upstream import load_splits
 
+    splits = load_splits(cfg)  # the base config's, read once for both below
     try:
-        kept: Optional[Dict[str, float]] = label_preservation(cfg, upstream, layout, load_splits(cfg))
+        kept: Optional[Dict[str, float]] = label_preservation(cfg, upstream, layout, splits)
         tracker.log_metrics({f"upstream_{k}": v for k, v in kept.items()})
     except Exception as e:  # noqa: BLE001
         log.warning("label preservation not measured: %s: %s", type(e).__name__, e)
@@ -209,7 +210,7 @@ def _sweep(cfg: Config, resume: bool, num_samples: Optional[int], space: SearchS
     # otherwise the first trials (and the references) would each wait on the cache lock for them
     from natra_ray.workflow.trial import trial_inputs
 
-    trial_inputs(cfg, layout, upstream, load_splits(cfg))
+    trial_inputs(cfg, layout, upstream, splits)
 
     # the reference classifiers (none, classic) at the trials' budget, before the trials take the CPUs
     references = run_references(cfg, layout, upstream, tracker.trial_spec())
