@@ -4,6 +4,7 @@
     python jobs/benchmark.py --profile smoke --methods none mixup --seeds 0 1
     python jobs/benchmark.py --name cmp2 benchmark.epochs=2   # another budget, its own results
     python jobs/benchmark.py --fresh                          # drop finished runs, start over
+    python jobs/benchmark.py --budget full                    # the head-to-head: all data, 5 epochs, 8 methods x 3 seeds
 
 Rerunning the same command resumes: finished method x seed runs are kept, the rest run.
 Writes <storage>/benchmarks/<name>/report.md (mean ± std per method, the Latent-Mixup paper's
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from natra_ray.cli import add_config_args, fail, parse_job_args  # noqa: E402
 from natra_ray.config import ConfigError  # noqa: E402
+from natra_ray.config_sections import BENCHMARK_BUDGETS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete this benchmark's earlier results and start over")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output and every stage's step logs "
                                                           "(also: NATRA_VERBOSE=1)")
-    args, cfg = parse_job_args(p, argv)
+    p.add_argument("--budget", choices=sorted(BENCHMARK_BUDGETS), default="profile",
+                   help="profile = the profile's benchmark section; full = every training image, 5 epochs, "
+                        "none classic pgd mixup natra natra+classic natra_oa natra_ol x 3 seeds "
+                        "(its own --name 'full'; overrides on the command line still win)")
+    args, cfg = parse_job_args(p, argv, presets=lambda a: BENCHMARK_BUDGETS[a.budget])
     if args.name is not None:
         if not args.name or "/" in args.name or args.name.startswith("."):
             fail(f"--name must be a plain folder name; got {args.name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn, Optional, Sequence
 
 from natra_ray.config import Config, ConfigError, list_profiles, load_config
 from natra_ray.distributed.ray_init import bind_host, is_loopback  # re-exported for the jobs
@@ -54,10 +54,16 @@ def check_inputs(cfg: Config) -> None:
     check_dataset(cfg.data)
 
 
-def parse_job_args(p: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Namespace, Config]":
+def parse_job_args(p: argparse.ArgumentParser, argv=None,
+                   presets: Optional[Callable[[argparse.Namespace], Sequence[str]]] = None
+                   ) -> "tuple[argparse.Namespace, Config]":
     """Parse a job's arguments, build its config and check its input files (``check_inputs``);
-    a bad config, dataset or checkpoint is one line on stderr and exit 2, before any compute."""
+    a bad config, dataset or checkpoint is one line on stderr and exit 2, before any compute.
+    ``presets(args)``: overrides a job flag stands for (``jobs/benchmark.py --budget full``),
+    applied before the command line's own, so an explicit ``section.key=value`` still wins."""
     args = p.parse_args(argv)
+    if presets is not None:
+        args.overrides = [*presets(args), *args.overrides]
     from natra_ray.runtime import setup_logging
 
     setup_logging()

@@ -297,3 +297,16 @@ class BenchmarkConfig:
     eval_examples: int = 0  # test images for the costly attacks; 0 = eval.max_examples
     cpus_per_task: float = 1.0  # one method x seed task (and as many torch threads)
     gpus_per_task: float = 0.0
+
+
+# ``jobs/benchmark.py --budget NAME``: the overrides a budget stands for, applied before the
+# command line's own. "profile" = the profile's ``benchmark:`` section as it is; "full" = the
+# head-to-head that decides whether NaTra is worth its cost: every training and validation
+# image, 5 epochs, the eight methods that matter, 3 seeds, in its own results folder (clean and
+# corruption accuracy are always on every test image, the attacks on eval.max_examples).
+BENCHMARK_BUDGETS: dict[str, tuple[str, ...]] = {
+    "profile": (),
+    "full": ("benchmark.name=full", "benchmark.epochs=5", "benchmark.train_examples=0", "benchmark.val_examples=0",
+             "benchmark.eval_examples=0", "benchmark.seeds=[0,1,2]",
+             "benchmark.methods=[none,classic,pgd,mixup,natra,natra+classic,natra_oa,natra_ol]"),
+}

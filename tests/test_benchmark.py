@@ -91,6 +91,26 @@ def test_bad_input_fails_before_any_compute(capsys):
     assert "unknown augmentation method(s) nope" in capsys.readouterr().err
 
 
+
+def test_full_budget_is_the_head_to_head_and_the_command_line_still_wins():
+    import argparse
+
+    from natra_ray.augment import list_methods
+    from natra_ray.cli import add_config_args, parse_job_args
+    from natra_ray.config_sections import BENCHMARK_BUDGETS
+
+    def parsed(*argv):
+        p = add_config_args(argparse.ArgumentParser())
+        p.add_argument("--budget", default="profile")
+        return parse_job_args(p, ["--profile", "cpu", *argv], presets=lambda a: BENCHMARK_BUDGETS[a.budget])[1].benchmark
+
+    full = parsed("--budget", "full")
+    assert (full.name, full.epochs, full.train_examples, full.val_examples, full.seeds) == ("full", 5, 0, 0, (0, 1, 2))
+    assert set(full.methods) == {"none", "classic", "pgd", "mixup", "natra", "natra+classic", "natra_oa", "natra_ol"}
+    assert set(full.methods) <= set(list_methods())
+    assert parsed("--budget", "full", "benchmark.epochs=7").epochs == 7
+    assert parsed() == load_config("cpu").benchmark  # the profile's own budget, untouched
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_smoke_benchmark_reports_tracks_and_resumes(ray_session, tmp_path, capsys):
