@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     from natra_ray.data import DatasetError
     from natra_ray.distributed import console
     from natra_ray.distributed.tracking import TrackingError, open_ui_command, runs_page_url
+    from natra_ray.distributed.references import REFERENCE_STATUS
     from natra_ray.distributed.tune import run_sweep
 
     # From the command line this process's environment is the run's own (the LPIPS notice marks it).
@@ -50,8 +52,11 @@ def main(argv=None) -> int:
                                        console.resume_command(job, sys.argv[1:] if argv is None else list(argv)))
     print()
     print(out.table_path.read_text())
-    n_done = sum(r["status"] == "DONE" for r in out.rows)
-    print(f"{len(out.rows)} trials ({n_done} finished) in {time.time() - t0:.0f} s; table: {out.table_path}")
+    count = Counter(r["status"] for r in out.rows)  # the table's rows: trials and the reference classifiers
+    n_done, n_refs = count.pop("DONE", 0), count.pop(REFERENCE_STATUS, 0)
+    ended = "".join(f", {n} {status.lower()}" for status, n in sorted(count.items()))  # STOPPED = cut by ASHA
+    print(f"{n_done + sum(count.values())} trials ({n_done} finished{ended}) and {n_refs} reference classifiers "
+          f"in {time.time() - t0:.0f} s; table: {out.table_path}")
     if out.best:
         print(f"best trial {out.best.get('trial_id')}: " + ", ".join(
             f"{k}={out.best[k]:.4f}" for k in ("val_objective", "val_shift_mean_acc", "test_clean_acc", "test_natural_acc",

@@ -193,6 +193,9 @@ class EvalConfig:
         "gaussian_noise", "brightness", "contrast", "fog", "elastic",
     )
     severities: tuple[int, ...] = (1, 3, 5)
+    # "every" = each test image at each severity; "one_per_image" = each image once per corruption,
+    # at a severity drawn for it (stages/evaluate.py: corruption_accuracies)
+    corruption_severity: Literal["every", "one_per_image"] = "every"
     # The evaluation's latent attack (val_natural_acc every epoch, test_natural_acc at the end):
     # fixed here, apart from robust.* (the training attack a trial samples), so that a trial which
     # narrows its own layer range or direction count is still scored against the same attack.

@@ -200,3 +200,43 @@ def test_fast_paths_match_torch_references() -> None:
     c = torch.rand(3, 1, 4, 4, generator=gen(11), dtype=torch.float64)
     ref = F.interpolate(c, size=(32, 20), mode="bicubic", align_corners=False)
     torch.testing.assert_close(_upsample_matrix(4, 32) @ c @ _upsample_matrix(4, 20).T, ref)
+
+
+def test_one_severity_per_image_scores_every_image_once_per_corruption() -> None:
+    """``eval.corruption_severity=one_per_image``: the severities' shares of the images partition
+    the test split (each image counted once per corruption), each share's accuracy is that of
+    its own images at its severity, and the corruption's score is the mean over severities."""
+    from natra_ray.config import load_config
+    from natra_ray.stages.evaluate import corruption_accuracies
+
+    seen: list = []
+
+    class Recorder(torch.nn.Module):  # a fixed classifier that notes every image it classifies
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return torch.stack([x.flatten(1).mean(1), 0.3 + 0 * x[:, 0, 0, 0]], 1)  # class 0 iff mean > 0.3
+
+    n = 90
+    x = torch.rand(n, 1, 32, 32) * torch.linspace(0.2, 1.0, n).view(n, 1, 1, 1)
+    y = (x.flatten(1).mean(1) <= 0.3).long()  # a perfect labelling of the clean images
+    cfg = load_config("smoke", overrides={"eval.severities": [1, 3, 5], "eval.corruptions": ["brightness", "fog"],
+                                          "eval.corruption_severity": "one_per_image"})
+    m = corruption_accuracies(cfg, Recorder(), x, y)
+    assert sum(seen) == 2 * n  # every image once per corruption, not once per severity
+    every = corruption_accuracies(cfg.replace(**{"eval.corruption_severity": "every"}), Recorder(), x, y)
+    assert sum(seen) == 2 * n + 2 * 3 * n
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + 999))
+    for name in ("brightness", "fog"):
+        accs = []
+        for i, s in enumerate((1, 3, 5)):
+            rows = order[i::3].sort().values
+            xc = apply_corruption(name, x[rows], s, generator=torch.Generator().manual_seed(cfg.seed * 1000 + s))
+            accs.append(float((Recorder()(xc).argmax(1) == y[rows]).float().mean()))
+            assert m[f"corruption_{name}_s{s}_acc"] == pytest.approx(accs[-1])
+        assert m[f"corruption_{name}_acc"] == pytest.approx(sum(accs) / 3)
+    assert set(m) == set(every)  # the same metrics, only fewer forward passes
+    assert m["corruption_mean_acc"] == pytest.approx((m["corruption_brightness_acc"] + m["corruption_fog_acc"]) / 2)
