@@ -63,24 +63,27 @@ def measure(world, eps: float):
 def test_shares_are_fractions_and_an_exact_reconstruction_keeps_every_label(world):
     m = measure(world, 0.5)
     assert set(labels.KEYS) <= set(m)
-    for k in ("label_kept_recon", "label_kept_edit", "label_kept_recon_all", "label_kept_edit_all",
-              "reference_val_acc", "reference_acc_measured"):
+    for k in ("label_kept_recon", "label_kept_edit", "label_kept_corner", "label_kept_recon_all", "label_kept_edit_all",
+              "label_kept_corner_all", "reference_val_acc", "reference_acc_measured"):
         assert 0.0 <= m[k] <= 1.0, (k, m[k])
     assert m["reference_val_acc"] > 1 / CLASSES + 0.25  # a labeller, not a coin
     assert m["label_kept_recon"] == 1.0  # the codes are exact: dec(enc(x)) is x
     assert m["label_kept_recon_all"] == pytest.approx(m["reference_acc_measured"])
     assert m["label_images"] == 64 and m["label_eps"] == 0.5
     line = labels.describe(m)
-    assert line.startswith(f"label preservation: reconstructions 1.00, edits at eps=0.5 {m['label_kept_edit']:.2f} "
+    assert line.startswith(f"label preservation: reconstructions 1.00, edits at eps=0.5 {m['label_kept_edit']:.2f}, "
+                           f"at its corners {m['label_kept_corner']:.2f} "
                            f"(reference classifier val acc {m['reference_val_acc']:.2f}")
 
 
 def test_no_edit_is_the_reconstruction_and_a_huge_edit_falls_toward_chance(world):
     zero, some, large, huge = (measure(world, eps) for eps in (0.0, 0.5, 2.0, 50.0))
     assert zero["label_kept_edit"] == zero["label_kept_recon"]
-    assert zero["label_kept_edit_all"] == zero["label_kept_recon_all"]
-    kept = [m["label_kept_edit"] for m in (zero, some, large, huge)]
-    assert kept == sorted(kept, reverse=True), kept  # the larger the edit, the fewer labels it keeps
+    assert zero["label_kept_edit_all"] == zero["label_kept_recon_all"] == zero["label_kept_corner_all"]
+    for key in ("label_kept_edit", "label_kept_corner"):
+        kept = [m[key] for m in (zero, some, large, huge)]
+        assert kept == sorted(kept, reverse=True), (key, kept)  # the larger the edit, the fewer labels it keeps
+    assert huge["label_kept_corner"] < 1 / CLASSES + 0.2
     assert huge["label_kept_edit"] < 1 / CLASSES + 0.2 < zero["label_kept_edit"]
     assert huge["label_kept_edit_all"] < 1 / CLASSES + 0.2
     for m in (some, large, huge):  # the edit budget does not touch reconstructions

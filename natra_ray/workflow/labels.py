@@ -10,10 +10,12 @@ the validation split it reports the share of
 - reconstructions ``dec(enc(x))`` (the cached val codes, decoded as a trial decodes them), and
 - random edits at the training budget: coefficients ``r ~ N(0, robust.eps^2)`` along the first
   ``robust.num_directions`` directions on layers ``robust.layer_start..layer_end`` (how the
-  Random baseline, ``augment.latent.random_latent``, edits),
+  Random baseline, ``augment.latent.random_latent``, edits), and
+- corner edits ``r = robust.eps * s``, ``s`` random signs: the vertices of the l_inf ball, where
+  the attacks end up and where the pool mode decodes its members (augment/pool.py),
 
 that the reference assigns to the true class, among the images it gets right on the real image
-(``label_kept_recon``, ``label_kept_edit``; ``*_all`` over every image).
+(``label_kept_recon``, ``label_kept_edit``, ``label_kept_corner``; ``*_all`` over every image).
 
 Both the reference (``reference_key``: training data, classifier, its training settings and
 budget) and the numbers (``labels_key``: the upstream entries, codes, edit settings, reference)
@@ -45,7 +47,7 @@ MAX_IMAGES = 512  # validation images measured (a few hundred decodes)
 EDIT_SEED = 0  # the random edits' coefficients: the same draws in every run
 BATCH = 128
 REFERENCE_STAGE, LABELS_STAGE = "label-reference", "labels"
-KEYS = ("label_kept_recon", "label_kept_edit", "reference_val_acc")
+KEYS = ("label_kept_recon", "label_kept_edit", "label_kept_corner", "reference_val_acc")
 
 
 # --------------------------------------------------------------------------- the reference classifier
@@ -105,7 +107,7 @@ def labels_key(cfg: Config, up: Upstream, codes: Path, reference: Path, n: int) 
         "upstream": {k: Path(v).name for k, v in up.entries.items()},
         "generator": _ident(up.generator_path), "directions": _ident(up.directions_path), "codes": _ident(codes),
         "edit": {"eps": r.eps, "num_directions": r.num_directions, "layers": [r.layer_start, r.layer_end],
-                 "seed": EDIT_SEED},
+                 "seed": EDIT_SEED, "corners": True},
         "reference": Path(reference).name, "n": n})
 
 
@@ -138,7 +140,7 @@ def label_preservation(cfg: Config, upstream: Upstream, layout: StorageLayout, s
         src = latent_source(cfg, upstream, LatentCodes.load(codes).subset(slice(0, n)), dev)
         x, y = val.images[:n], val.labels[:n]
         gen = torch.Generator().manual_seed(EDIT_SEED)
-        real, recon, edit = [], [], []
+        real, recon, edit, corner = [], [], [], []
         with torch.no_grad():
             for i in range(0, n, BATCH):
                 idx = torch.arange(i, min(i + BATCH, n))
@@ -146,9 +148,13 @@ def label_preservation(cfg: Config, upstream: Upstream, layout: StorageLayout, s
                 real.append(ref(x[idx].to(dev)).argmax(1).cpu())
                 recon.append(ref(src.reconstruct(idx)).argmax(1).cpu())
                 edit.append(ref(src.decode(*src.codes(idx), r.to(dev))).argmax(1).cpu())
-        real_ok, recon_ok, edit_ok = (torch.cat(p) == y for p in (real, recon, edit))
+                s = torch.randint(0, 2, r.shape, generator=gen).float() * 2 - 1
+                corner.append(ref(src.decode(*src.codes(idx), (s * eps).to(dev))).argmax(1).cpu())
+        real_ok, recon_ok, edit_ok, corner_ok = (torch.cat(p) == y for p in (real, recon, edit, corner))
         return {"label_kept_recon": _share(recon_ok, real_ok), "label_kept_edit": _share(edit_ok, real_ok),
+                "label_kept_corner": _share(corner_ok, real_ok),
                 "label_kept_recon_all": _share(recon_ok), "label_kept_edit_all": _share(edit_ok),
+                "label_kept_corner_all": _share(corner_ok),
                 "reference_acc_measured": _share(real_ok), "label_images": n, "label_eps": eps}
 
     key = labels_key(cfg, upstream, codes, ref_entry, n)
@@ -163,7 +169,7 @@ def describe(m: Mapping[str, float]) -> str:
     n = int(m["label_images"])
     right = round(m["reference_acc_measured"] * n)
     return (f"label preservation: reconstructions {m['label_kept_recon']:.2f}, edits at eps={m['label_eps']:.2g} "
-            f"{m['label_kept_edit']:.2f} (reference classifier val acc {m['reference_val_acc']:.2f}; shares of "
+            f"{m['label_kept_edit']:.2f}, at its corners {m['label_kept_corner']:.2f} (reference classifier val acc {m['reference_val_acc']:.2f}; shares of "
             f"the {right} of {n} val images it gets right)")
 
 
