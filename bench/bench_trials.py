@@ -38,10 +38,10 @@ def _tune_trial(d: Path) -> Dict[str, Any] | None:
 
 
 def _reference(row_file: Path, trials_dir: Path) -> Dict[str, Any]:
-    import torch
+    from natra_ray.checkpoints import read_checkpoint
 
     row = json.loads(row_file.read_text())
-    ck = torch.load(trials_dir / row["trial_id"] / "classifier.pt", map_location="cpu", weights_only=False)
+    ck = read_checkpoint(trials_dir / row["trial_id"] / "classifier.pt")
     history = (ck.get("extra") or {}).get("history") or ck.get("history") or []
     return {"trial": row["trial_id"], "kind": row["robust.method"], "epochs": len(history),
             "train": sum(h["epoch_seconds"] for h in history), "val": sum(h.get("val_seconds", 0.0) for h in history),
