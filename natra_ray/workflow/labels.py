@@ -31,6 +31,7 @@ import torch
 
 from natra_ray import cache, progress
 from natra_ray.augment import method_needs
+from natra_ray.augment.pool import random_signs
 from natra_ray.checkpoints import load_module
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset
@@ -148,7 +149,7 @@ def label_preservation(cfg: Config, upstream: Upstream, layout: StorageLayout, s
                 real.append(ref(x[idx].to(dev)).argmax(1).cpu())
                 recon.append(ref(src.reconstruct(idx)).argmax(1).cpu())
                 edit.append(ref(src.decode(*src.codes(idx), r.to(dev))).argmax(1).cpu())
-                s = torch.randint(0, 2, r.shape, generator=gen).float() * 2 - 1
+                s = random_signs(*r.shape, gen)  # a corner, as the pool mode proposes one
                 corner.append(ref(src.decode(*src.codes(idx), (s * eps).to(dev))).argmax(1).cpu())
         real_ok, recon_ok, edit_ok, corner_ok = (torch.cat(p) == y for p in (real, recon, edit, corner))
         return {"label_kept_recon": _share(recon_ok, real_ok), "label_kept_edit": _share(edit_ok, real_ok),
