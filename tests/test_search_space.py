@@ -218,8 +218,9 @@ def test_malformed_space_fails_with_its_message(case, cpu):
 
 def test_good_space_is_valid_and_unknown_key_suggests(cpu):
     assert search_space_from_dict(good_space(), cpu, name="good").sampled_names()
-    # layer_end alone is fine while its low >= the base layer_start (0 in the cpu profile)
-    assert "robust.layer_end" in search_space_from_dict(with_params(robust__layer_start=None), cpu).params
+    # layer_end alone is fine while its low >= the base layer_start (2 in the cpu profile)
+    end_from_2 = with_params(robust__layer_start=None, robust__layer_end={"type": "int", "low": 2, "high": 7})
+    assert "robust.layer_end" in search_space_from_dict(end_from_2, cpu).params
     with pytest.raises(ConfigError) as ei:  # callers catching ConfigError catch it
         search_space_from_dict(with_params(robust__lable_smoothing_c={"fixed": 0.1}), cpu, name="x")
     assert "robust.label_smoothing_c" in str(ei.value)
