@@ -20,7 +20,9 @@ def _rows():
     return [{"method": "none", "seed": s, "metrics": {"test_clean_acc": a, "test_deepfool_score": d,
                                                      "test_corruption_rotate_acc": a - 0.2,
                                                      "test_corruption_rotate_s3_acc": 0.0,
-                                                     "test_corruption_mean_acc": a - 0.2}}
+                                                     "test_corruption_mean_acc": a - 0.2,
+                                                     "val_acc": a + 0.01, "val_shift_erode_acc": a - 0.3,
+                                                     "val_shift_mean_acc": a - 0.3}}
             for s, a, d in ((0, 0.80, 0.10), (1, 0.84, 0.20))] + \
            [{"method": "mixup", "seed": 0, "metrics": {"test_clean_acc": 0.7, "test_deepfool_score": 0.5}}]
 
@@ -31,8 +33,11 @@ def test_report_mean_std_reference_rows_and_chart(tmp_path):
     assert (n, round(mean, 6), round(std, 6)) == (2, 0.82, round(math.sqrt(0.0008), 6))  # sample std (ddof 1)
     assert math.isnan(agg["mixup"]["test_clean_acc"][1])
     table = tables.main_table(agg)
-    assert "| none | 2 | 0.8200 ± 0.0283 |" in table and "0.7000 (1 seed)" in table
+    # validation (what the sweep chooses by) first, then the test suite
+    assert "| none | 2 | 0.8300 ± 0.0283 | 0.5200 ± 0.0283 | 0.8200 ± 0.0283 |" in table
+    assert "| mixup | 1 | - | - | 0.7000 (1 seed) |" in table
     assert tables.corruption_names(agg) == ["rotate"]  # per-severity keys are not corruptions
+    assert "| none | 0.520 ± 0.028 | 0.520 ± 0.028 |" in tables.corruption_table(agg, "val_shift")  # erode, mean
     ref = tables.reference_table(agg)
     # paper 002, Table 3 (Fashion-MNIST), quoted with its std
     for quoted in ("0.9252 (0.0016)", "0.3429 (0.0314)", "0.6727 (0.0123)", "0.8883 (0.0034)",
@@ -43,6 +48,7 @@ def test_report_mean_std_reference_rows_and_chart(tmp_path):
                                         failed=[{"method": "x", "seed": 0, "error": "boom"}])
     text = md.read_text()
     assert "Where the setups differ" in text and "575k" in text and "`x` seed 0: failed: boom" in text
+    assert "## Validation shift suite" in text and "| method | erode | mean |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 

@@ -87,6 +87,8 @@ def pareto_png(rows: List[Dict[str, Any]], front: List[Dict[str, Any]], metrics:
 # =========================================================================== the benchmark
 # (metric key, column header): the evaluation suite's headline numbers (stages/evaluate.py).
 MAIN_METRICS: Tuple[Tuple[str, str], ...] = (
+    ("val_acc", "val clean acc"),
+    ("val_shift_mean_acc", "val shift-suite acc"),
     ("test_clean_acc", "clean acc"),
     ("test_natural_acc", "natural worst-case acc"),
     ("test_corruption_mean_acc", "corruptions, mean acc"),
@@ -100,6 +102,7 @@ MAIN_METRICS: Tuple[Tuple[str, str], ...] = (
 CHART_ACCURACIES = ("test_clean_acc", "test_natural_acc", "test_corruption_mean_acc",
                     "test_blurred_acc", "test_pixel_pgd_acc")
 _CORRUPTION_KEY = re.compile(r"^test_corruption_(?!mean_)(.+?)_acc$")
+_SHIFT_KEY = re.compile(r"^val_shift_(?!mean_)(.+?)_acc$")
 _SEVERITY = re.compile(r"_s\d+$")
 
 # Paper 002 (Girard, Gundersen, Laborie: "Latent-Mixup"), Table 3 "Results on the FashionMNIST
@@ -161,21 +164,23 @@ def main_table(agg: Mapping[str, Mapping[str, Stat]], metrics: Sequence[Tuple[st
     return markdown_table(["method", "seeds"] + [h for _, h in cols], lines)
 
 
-def corruption_names(agg: Mapping[str, Mapping[str, Stat]]) -> List[str]:
-    """Corruptions present in the results, in first-seen order (per-severity keys excluded)."""
+def corruption_names(agg: Mapping[str, Mapping[str, Stat]], key: re.Pattern = _CORRUPTION_KEY) -> List[str]:
+    """Corruptions (or, with ``key=_SHIFT_KEY``, validation shifts) present in the results, in
+    first-seen order (per-severity keys excluded)."""
     names: List[str] = []
     for a in agg.values():
         for k in a:
-            m = _CORRUPTION_KEY.match(k)
+            m = key.match(k)
             if m and not _SEVERITY.search(m.group(1)) and m.group(1) not in names:
                 names.append(m.group(1))
     return names
 
 
-def corruption_table(agg: Mapping[str, Mapping[str, Stat]]) -> str:
-    """Accuracy per corruption (mean over its severities), mean ± std over seeds, and the mean."""
-    names = corruption_names(agg)
-    cols = [(f"test_corruption_{n}_acc", n) for n in names] + [("test_corruption_mean_acc", "mean")]
+def corruption_table(agg: Mapping[str, Mapping[str, Stat]], prefix: str = "test_corruption") -> str:
+    """Accuracy per corruption (``prefix="val_shift"``: per validation shift), each the mean over
+    its severities, mean ± std over seeds, and the suite's mean."""
+    names = corruption_names(agg, _SHIFT_KEY if prefix == "val_shift" else _CORRUPTION_KEY)
+    cols = [(f"{prefix}_{n}_acc", n) for n in names] + [(f"{prefix}_mean_acc", "mean")]
     lines = [[m] + [fmt_stat(a.get(k), 3) for k, _ in cols] for m, a in agg.items()]
     return markdown_table(["method"] + [h for _, h in cols], lines)
 
@@ -285,6 +290,9 @@ def render(rows: Sequence[Mapping[str, Any]], setup: Mapping[str, Any],
         parts += ["", f"![benchmark chart]({chart_name})", ""]
     if corruption_names(agg):
         parts += ["", "## Corruption suite (accuracy per corruption, mean over severities)", "", corruption_table(agg)]
+    if corruption_names(agg, _SHIFT_KEY):
+        parts += ["", "## Validation shift suite (the objective's shifts: accuracy per shift, mean over its severities)",
+                  "", corruption_table(agg, "val_shift")]
     parts += ["", "## Reference: Latent-Mixup paper (002), Table 3, Fashion-MNIST", "",
               "Paper numbers are quoted from the paper: mean (std over runs).", "", reference_table(agg), "",
               setup_differences(setup)]
