@@ -101,8 +101,6 @@ MAIN_METRICS: Tuple[Tuple[str, str], ...] = (
 # Accuracies drawn in the chart's first panel (all in [0, 1]); the DeepFool score has its own.
 CHART_ACCURACIES = ("test_clean_acc", "test_natural_acc", "test_corruption_mean_acc",
                     "test_blurred_acc", "test_pixel_pgd_acc")
-_CORRUPTION_KEY = re.compile(r"^test_corruption_(?!mean_)(.+?)_acc$")
-_SHIFT_KEY = re.compile(r"^val_shift_(?!mean_)(.+?)_acc$")
 _SEVERITY = re.compile(r"_s\d+$")
 
 # Paper 002 (Girard, Gundersen, Laborie: "Latent-Mixup"), Table 3 "Results on the FashionMNIST
@@ -164,9 +162,10 @@ def main_table(agg: Mapping[str, Mapping[str, Stat]], metrics: Sequence[Tuple[st
     return markdown_table(["method", "seeds"] + [h for _, h in cols], lines)
 
 
-def corruption_names(agg: Mapping[str, Mapping[str, Stat]], key: re.Pattern = _CORRUPTION_KEY) -> List[str]:
-    """Corruptions (or, with ``key=_SHIFT_KEY``, validation shifts) present in the results, in
-    first-seen order (per-severity keys excluded)."""
+def corruption_names(agg: Mapping[str, Mapping[str, Stat]], prefix: str = "test_corruption") -> List[str]:
+    """The suite's members present in the results (``<prefix>_<name>_acc``: corruptions, or with
+    ``prefix="val_shift"`` the validation shifts), in first-seen order (per-severity keys excluded)."""
+    key = re.compile(rf"^{prefix}_(?!mean_)(.+?)_acc$")
     names: List[str] = []
     for a in agg.values():
         for k in a:
@@ -179,7 +178,7 @@ def corruption_names(agg: Mapping[str, Mapping[str, Stat]], key: re.Pattern = _C
 def corruption_table(agg: Mapping[str, Mapping[str, Stat]], prefix: str = "test_corruption") -> str:
     """Accuracy per corruption (``prefix="val_shift"``: per validation shift), each the mean over
     its severities, mean ± std over seeds, and the suite's mean."""
-    names = corruption_names(agg, _SHIFT_KEY if prefix == "val_shift" else _CORRUPTION_KEY)
+    names = corruption_names(agg, prefix)
     cols = [(f"{prefix}_{n}_acc", n) for n in names] + [(f"{prefix}_mean_acc", "mean")]
     lines = [[m] + [fmt_stat(a.get(k), 3) for k, _ in cols] for m, a in agg.items()]
     return markdown_table(["method"] + [h for _, h in cols], lines)
@@ -290,7 +289,7 @@ def render(rows: Sequence[Mapping[str, Any]], setup: Mapping[str, Any],
         parts += ["", f"![benchmark chart]({chart_name})", ""]
     if corruption_names(agg):
         parts += ["", "## Corruption suite (accuracy per corruption, mean over severities)", "", corruption_table(agg)]
-    if corruption_names(agg, _SHIFT_KEY):
+    if corruption_names(agg, "val_shift"):
         parts += ["", "## Validation shift suite (the objective's shifts: accuracy per shift, mean over its severities)",
                   "", corruption_table(agg, "val_shift")]
     parts += ["", "## Reference: Latent-Mixup paper (002), Table 3, Fashion-MNIST", "",
