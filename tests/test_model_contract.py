@@ -215,6 +215,39 @@ def test_each_run_logs_its_dataset_once(store):
     assert {(tag.key, tag.value) for tag in inputs[0].tags} == {("mlflow.data.context", "training")}
 
 
+def test_trials_logging_the_same_dataset_at_once_all_get_it(store):
+    """MLflow's SQL store inserts a dataset row it did not find without a lock: trials starting
+    together used to lose the race with a UNIQUE-constraint error and fail before training."""
+    import threading
+
+    from natra_ray.distributed.tracking import TrialTracker, _client
+
+    card = {"name": "fashion_mnist", "source": str(DEBIAN), "digest": "race0123456789ab",
+            "split_sizes": {"train": 3}, "input_shape": [1, 28, 28], "classes": ["a"]}
+    trials = [TrialTracker(store["uri"], store["eid"], store["parent"], f"trial_race_{i}") for i in range(6)]
+    for t in trials:
+        t.start()
+    start, errors = threading.Barrier(len(trials)), []
+
+    def log(t):
+        start.wait()
+        try:
+            t.log_dataset(card)
+        except Exception as e:  # noqa: BLE001 -- collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(t,)) for t in trials]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    client = _client(store["uri"])
+    for t in trials:
+        t.end()
+        assert [d.dataset.digest for d in client.get_run(t.run_id).inputs.dataset_inputs] == [card["digest"]]
+
+
 def test_experiments_open_on_training_runs(store):
     from natra_ray.distributed.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, _client, ensure_experiment
 

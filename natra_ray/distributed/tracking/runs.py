@@ -40,6 +40,7 @@ from natra_ray.distributed.tracking.values import (
     _retry,
     as_number,
     filter_quote,
+    lost_insert_race,
     sanitize_key,
     sanitized_params,
     tag_value,
@@ -163,7 +164,8 @@ class _RunLogger:
         dataset = Dataset(name=str(card["name"]), digest=str(card["digest"])[:36], source_type="local", source=source,
                           schema=json.dumps(schema.to_dict()), profile=json.dumps(profile))
         item = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-        _retry(lambda: self.client.log_inputs(run_id, datasets=[item]), f"log the dataset input of run {run_id}")
+        _retry(lambda: self.client.log_inputs(run_id, datasets=[item]), f"log the dataset input of run {run_id}",
+               retry_if=lost_insert_race)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload one file (into ``artifact_path`` folder of the run, if given)."""

@@ -60,9 +60,21 @@ def _one_line(e: BaseException, limit: int = 400) -> str:
     return f"{type(e).__name__}: {(text[0] if text else '')[:limit]}"
 
 
-def _retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
+def lost_insert_race(e: BaseException) -> bool:
+    """Whether ``e`` is a unique-key violation: MLflow's SQL store looks a shared row up (a
+    dataset, by experiment, name and digest) and inserts it when absent, without a lock, so two
+    trials logging the same data at once can both insert. The loser's retry finds the winner's
+    row. Elsewhere the same error means a real conflict, so only callers that know the row is
+    shared pass this as ``_retry``'s ``retry_if``."""
+    text = str(getattr(e, "message", None) or e)
+    return "UNIQUE constraint failed" in text or "duplicate key value" in text or "Duplicate entry" in text
+
+
+def _retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5,
+           retry_if: Callable[[BaseException], bool] | None = None) -> T:
     """Run ``fn``; retry transient failures (locked SQLite, network, 5xx) with exponential backoff;
-    raise :class:`TrackingError` naming ``what`` when it still fails or the error is permanent."""
+    raise :class:`TrackingError` naming ``what`` when it still fails or the error is permanent.
+    ``retry_if``: errors MLflow reports as permanent that this call knows to be transient."""
     for i in range(attempts):
         try:
             return fn()
@@ -70,6 +82,8 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float 
             raise
         except Exception as e:  # MLflow raises many types; classify below
             code = _error_code(e)
+            if code in _PERMANENT_CODES and retry_if is not None and retry_if(e):
+                code = ""
             if code in _PERMANENT_CODES or i == attempts - 1:
                 tries = "" if code in _PERMANENT_CODES else f" after {attempts} attempts"
                 raise TrackingError(f"MLflow refused to {what}{tries}: {_one_line(e)}") from e
