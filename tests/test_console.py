@@ -1,9 +1,9 @@
 """What a person sees on the console of a job: stage lines and progress bars, no Ray-internal
 lines, each warning once, and an interrupt that ends in one line.
 
-The two job tests run ``jobs/tune_natra.py`` (smoke profile) on the session's real local
-cluster and read its console the way a terminal shows it; they share the smoke sweeps' stage
-cache, so the upstream is trained once per session.
+The interrupt test runs ``jobs/tune_natra.py`` (smoke profile) on the session's real local
+cluster and reads its console the way a terminal shows it; the console of a whole sweep is
+checked on the job that tests/test_job_submit.py submits.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from console_text import screen
+
 REPO = Path(__file__).resolve().parents[1]
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def test_noise_filter_drops_ray_lines_and_keeps_ours_and_live_bars():
@@ -131,35 +132,6 @@ def _env(ray_cluster) -> dict:
     return env
 
 
-def _screen(text: str) -> list:
-    """The lines a terminal keeps: a bar's in-place redraws (\\r) collapse to their last state."""
-    return [ANSI.sub("", line.split("\r")[-1]).rstrip() for line in text.split("\n")]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sweep_console_shows_stages_and_bars_and_no_ray_internals(ray_cluster, tmp_path, smoke_storage):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # --resume on a sweep that never ran: it says so and starts fresh
-    proc = subprocess.run(_cmd(smoke_storage, "console", uri, "tune.num_samples=1", "--resume"), env=_env(ray_cluster),
-                          capture_output=True, text=True, timeout=1200, cwd=REPO)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    lines = _screen(out)
-    text = "\n".join(lines)
-    for stage in ("GAN", "BIES", "directions", "encoding the train split"):
-        assert re.search(rf"\[stage\] {stage}.* (done in (\d+ s|[\d.]+ min)|cached) -> ", text), (stage, text[-4000:])
-    assert re.search(r"training.*\| *\d+/\d+ \[", text) or re.search(r"train-\w+ \(\d+ epochs\).*batch", text), text[-4000:]
-    assert sum("nothing to resume" in line for line in lines) == 1
-    assert "Trial status:" in text  # Tune's trial table
-    for noise in ("core_worker.cc", "TrainingReport(", "Checkpoint successfully created", "Execution plan of Dataset",
-                  "exclude_resources", "not writable", "torch.jit.trace"):
-        assert noise not in text, (noise, [line for line in lines if noise in line][:3])
-    warned = [line for line in lines if "WARNING" in line or "Warning:" in line]
-    assert len(warned) == len(set(warned)), warned
-    assert sum("RANDOMLY INITIALISED" in line for line in lines) <= 1
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_mid_sweep_ends_in_one_line_saying_what_was_kept_and_how_to_resume(ray_cluster, tmp_path, smoke_storage):
@@ -182,7 +154,7 @@ def test_sigterm_mid_sweep_ends_in_one_line_saying_what_was_kept_and_how_to_resu
     proc.send_signal(signal.SIGTERM)  # what `ray job stop` does to the driver
     rc = proc.wait(timeout=300)
     reader.join(timeout=30)
-    lines = [line for line in _screen("".join(seen)) if line.strip()]
+    lines = [line for line in screen("".join(seen)) if line.strip()]
     assert rc == 130, lines[-20:]
     last = lines[-1]
     assert last.startswith("interrupted: kept "), lines[-20:]

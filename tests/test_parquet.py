@@ -1,14 +1,9 @@
 """data.dataset=parquet: Fashion-MNIST written as Hugging Face writes an image dataset (a struct
 {bytes, path} of PNG bytes, or plain binary, and an integer label column), read back in one
 process and through Ray Data with the source's pixels and labels; the bad files' one-line
-errors; and one smoke sweep of the real job on it, landing in MLflow."""
+errors. The real job on such a folder, submitted to the cluster: tests/test_job_submit.py."""
 from __future__ import annotations
 
-import io
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,58 +13,22 @@ import torch
 from natra_ray.config import DataConfig
 from natra_ray.data.datasets import DatasetError, load_dataset, split_indices, to_float_images
 
+from hf_parquet import N_TEST, N_TRAIN, fashion_mnist_slice, png, table, write_hf_folder
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
-
-REPO = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST = 300, 100
-
-
-def _fmnist():
-    from natra_ray.data.fashion_mnist import CLASS_NAMES, read_fashion_mnist
-
-    (arrays, _) = read_fashion_mnist(DataConfig(download=False))
-    (xtr, ytr), (xte, yte) = arrays["train"], arrays["test"]
-    return (xtr[:N_TRAIN], ytr[:N_TRAIN].astype(np.int64)), (xte[:N_TEST], yte[:N_TEST].astype(np.int64)), CLASS_NAMES
-
-
-def _png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _hf_metadata(names) -> dict:
-    feats = {"image": {"_type": "Image"}, "label": {"names": list(names), "_type": "ClassLabel"}}
-    return {b"huggingface": json.dumps({"info": {"features": feats}}).encode()}
-
-
-def _table(images, labels, struct: bool, names=None, image="image", label="label", row_group=None):
-    blobs = [_png(x) for x in images]
-    col = (pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)],
-                    type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-           if struct else pa.array(blobs, type=pa.binary()))
-    t = pa.table({image: col, label: pa.array(labels, type=pa.int64())})
-    return t.replace_schema_metadata(_hf_metadata(names)) if names else t
 
 
 @pytest.fixture(scope="module")
 def fm():
-    return _fmnist()
+    return fashion_mnist_slice()
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory, fm):
     """The Hugging Face export layout: data/train-00000-of-00001.parquet and data/test-..., the
     train split in two row groups."""
-    (xtr, ytr), (xte, yte), names = fm
-    d = tmp_path_factory.mktemp("hf") / "fashion_mnist"
-    (d / "data").mkdir(parents=True)
-    pq.write_table(_table(xtr, ytr, True, names), d / "data" / "train-00000-of-00001.parquet", row_group_size=128)
-    pq.write_table(_table(xte, yte, True, names), d / "data" / "test-00000-of-00001.parquet")
-    return d
+    return write_hf_folder(tmp_path_factory.mktemp("hf"), fm)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +36,7 @@ def binary_file(tmp_path_factory, fm):
     """One file, plain binary images, labels 0..9: the rows are pooled and split 80/20."""
     (xtr, ytr), _, _ = fm
     f = tmp_path_factory.mktemp("bin") / "images.parquet"
-    pq.write_table(_table(xtr, ytr, False), f, row_group_size=100)
+    pq.write_table(table(xtr, ytr, False), f, row_group_size=100)
     return f
 
 
@@ -128,7 +87,7 @@ def test_label_values_become_sorted_class_indices(tmp_path, fm):
 
     (xtr, ytr), _, _ = fm
     sparse = np.array([3, 7, 9])[ytr % 3]  # three label values, not 0..K-1
-    pq.write_table(_table(xtr[:60], sparse[:60], False), tmp_path / "x.parquet")
+    pq.write_table(table(xtr[:60], sparse[:60], False), tmp_path / "x.parquet")
     (arrays, classes) = read_parquet(_cfg(tmp_path / "x.parquet"))
     assert classes == ["3", "7", "9"]
     lay_rows = np.concatenate([arrays["train"][1], arrays["test"][1]])
@@ -136,8 +95,8 @@ def test_label_values_become_sorted_class_indices(tmp_path, fm):
 
 
 # --------------------------------------------------------------------------- bad files
-def _write(path: Path, table) -> Path:
-    pq.write_table(table, path)
+def _write(path: Path, t) -> Path:
+    pq.write_table(t, path)
     return path
 
 
@@ -147,7 +106,7 @@ def test_bad_files_fail_in_one_line_saying_what_to_do(tmp_path, fm, case):
     from natra_ray.data.datasets import check_dataset
 
     (xtr, ytr), _, _ = fm
-    good = _table(xtr[:20], ytr[:20], True)
+    good = table(xtr[:20], ytr[:20], True)
     f = tmp_path / "d.parquet"
     if case == "missing_image":
         _write(f, good.rename_columns(["img", "label"]))
@@ -159,18 +118,18 @@ def test_bad_files_fail_in_one_line_saying_what_to_do(tmp_path, fm, case):
         _write(f, good.set_column(1, "label", pa.array([str(v) for v in ytr[:20]])))
         want = ["'label' is string, not integer labels", "data.label_column"]
     elif case == "undecodable":
-        blobs = [_png(x) for x in xtr[:20]]
+        blobs = [png(x) for x in xtr[:20]]
         blobs[7] = b"not an image"
         _write(f, pa.table({"image": pa.array(blobs), "label": pa.array(ytr[:20])}))
         want = ["cannot decode the image of", "d.parquet row 7"]
     elif case == "null_image":
-        blobs = [_png(x) for x in xtr[:20]]
+        blobs = [png(x) for x in xtr[:20]]
         blobs[4] = None
         _write(f, pa.table({"image": pa.array(blobs, pa.binary()), "label": pa.array(ytr[:20])}))
         want = ["d.parquet row 4: no image bytes"]
     elif case == "mixed_sizes":
-        blobs = [_png(x) for x in xtr[:20]]
-        blobs[5] = _png(np.zeros((30, 30), np.uint8))
+        blobs = [png(x) for x in xtr[:20]]
+        blobs[5] = png(np.zeros((30, 30), np.uint8))
         _write(f, pa.table({"image": pa.array(blobs), "label": pa.array(ytr[:20])}))
         want = ["images have mixed sizes", "is 28x28 but", "row 5 is 30x30"]
     elif case == "null_label":
@@ -245,34 +204,3 @@ def test_image_folder_stream_reads_the_files_with_read_images(ray_session, tmp_p
                                           "data.train_subset": 0})
     train = load_splits(cfg)["train"]
     _assert_one_pass_of(image_folder_stream(cfg, len(train), rows_per_block=16).take_all(), train)
-
-
-def _env(ray_cluster) -> dict:
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token"}
-    for k in ("MLFLOW_TRACKING_URI", "NATRA_VERBOSE", "NATRA_DATA_DIR"):
-        env.pop(k, None)
-    return env
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_smoke_sweep_on_a_parquet_dataset_lands_in_mlflow(ray_cluster, tmp_path, smoke_storage, hf_folder):
-    """The real job, --profile smoke, on the Hugging Face layout: the classifier workers read the
-    Parquet stream, and the trial's run lands in MLflow with the dataset it trained on."""
-    import mlflow
-
-    from natra_ray.distributed.tracking import _fluent_target
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, str(REPO / "jobs" / "tune_natra.py"), "--profile", "smoke", "tune.search_space=smoke",
-           "tune.name=parquet", f"tune.storage_path={smoke_storage}", f"tracking.uri={uri}", "tune.num_samples=1",
-           "data.dataset=parquet", f"data.root={hf_folder}", "data.train_subset=256", "data.test_subset=64"]
-    proc = subprocess.run(cmd, env=_env(ray_cluster), capture_output=True, text=True, timeout=1500, cwd=REPO)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    with _fluent_target(uri):
-        exp = mlflow.get_experiment_by_name("parquet")
-        runs = mlflow.search_runs([exp.experiment_id])
-    trials = runs[runs["tags.natra.role"] == "trial"]
-    assert (trials["status"] == "FINISHED").sum() == 1, runs[["run_id", "status"]]
-    done = trials[trials["status"] == "FINISHED"].iloc[0]
-    assert done["params.data.dataset"] == "parquet" and 0 <= done["metrics.test_clean_acc"] <= 1
