@@ -11,6 +11,7 @@ import torch
 from natra_ray.config import ConfigError, load_config
 from natra_ray.distributed.tune import ResourceError, max_concurrent, trial_cpus
 
+
 def test_resource_budget_counts_every_level():
     cfg = load_config("smoke")
     assert cfg.tune.inline and trial_cpus(cfg) == 1  # one worker: the trial's own process trains

@@ -81,11 +81,9 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float 
         except TrackingError:
             raise
         except Exception as e:  # MLflow raises many types; classify below
-            code = _error_code(e)
-            if code in _PERMANENT_CODES and retry_if is not None and retry_if(e):
-                code = ""
-            if code in _PERMANENT_CODES or i == attempts - 1:
-                tries = "" if code in _PERMANENT_CODES else f" after {attempts} attempts"
+            permanent = _error_code(e) in _PERMANENT_CODES and not (retry_if is not None and retry_if(e))
+            if permanent or i == attempts - 1:
+                tries = "" if permanent else f" after {attempts} attempts"
                 raise TrackingError(f"MLflow refused to {what}{tries}: {_one_line(e)}") from e
             delay = base_delay * 2 ** i
             log.warning("MLflow could not %s (%s); retrying in %.1fs", what, _one_line(e, 200), delay)
