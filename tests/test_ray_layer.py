@@ -3,6 +3,7 @@ stage, and resources are budgeted so nested Tune -> Train -> Data cannot deadloc
 submitted with `ray job submit`: tests/test_job_submit.py."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,12 @@ def test_two_worker_trainer_matches_single_process(ray_session, tmp_path):
     splits = load_splits(cfg1)
     single = robust.run(cfg1, splits["train"], splits["val"], tmp_path / "single")
     cfg2 = cfg1.replace(**{"tune.train_workers": 2})
+    scratch = set(Path(tempfile.gettempdir()).glob("natra-ckpt-*"))
     result = fit_robust(tiny_job(cfg2, tmp_path, splits, "two-workers"), "two-workers", tmp_path / "ray")
     assert result.error is None
+    # each epoch's checkpoint went to the run's storage; none stayed behind in the workers' /tmp
+    assert set(Path(tempfile.gettempdir()).glob("natra-ckpt-*")) == scratch
+    assert len(list((tmp_path / "ray" / "two-workers").glob("checkpoint_*"))) >= 1
     state = load_result_state(result)
     two = state["history"][-1]["val_acc"]
     one = single.history[-1]["val_acc"]

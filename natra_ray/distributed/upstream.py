@@ -21,7 +21,7 @@ from typing import Any, Dict
 import torch
 
 from natra_ray.config import Config
-from natra_ray.distributed.train import _all_reduce_grads, _load_state, _save_state, load_result_state, use_gpu
+from natra_ray.distributed.train import _all_reduce_grads, _load_state, load_result_state, report, use_gpu
 from natra_ray.workflow.layout import StorageLayout
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ def gan_worker_loop(config: Dict[str, Any]) -> None:
                      " ".join(f"{k}={v:.3f}" for k, v in m.items()), time.time() - t0)
         if tr.step % every == 0 or tr.step == g.steps:
             rate = (tr.images_seen - seen0) * world / max(time.time() - t0, 1e-9)
-            ray.train.report({**m, "step": tr.step, "images_per_s": rate},
-                             checkpoint=_save_state(tr.state_dict()) if rank == 0 else None)
+            report({**m, "step": tr.step, "images_per_s": rate}, tr.state_dict() if rank == 0 else None)
     pbar.close()
 
 
@@ -278,12 +277,12 @@ def bies_worker_loop(config: Dict[str, Any]) -> None:
         E = bies.train_encoder(cfg, G, train, perceptual=perceptual, grad_sync=_all_reduce_grads, shard=(rank, world))
         times["bies_encoder_seconds"] = time.time() - t0
         state = {"encoder": E.state_dict(), "times": times}
-        ray.train.report({"phase": 1, **times}, checkpoint=_save_state(state) if rank == 0 else None)
+        report({"phase": 1, **times}, state if rank == 0 else None)
     t0 = time.time()
     Gs = bies.shift_generator(cfg, G, E, train, perceptual=perceptual, grad_sync=_all_reduce_grads, shard=(rank, world))
     times["bies_shift_seconds"] = time.time() - t0
     state = {"encoder": E.state_dict(), "generator_shifted": Gs.state_dict(), "times": times}
-    ray.train.report({"phase": 2, **times}, checkpoint=_save_state(state) if rank == 0 else None)
+    report({"phase": 2, **times}, state if rank == 0 else None)
 
 
 def bies_fit(storage_path: Path):
