@@ -156,46 +156,68 @@ def paired(num: List[float], den: List[float]) -> float:
 
 
 # --------------------------------------------------------------------------- strength
-def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
-             only: Tuple[str, ...] = ("exact", "pool", "fraction", "standard")) -> Dict[str, Any]:
-    """Per seed: classifiers trained with the exact mode, the pool mode and none (standard),
-    each scored by the exact K-step latent PGD on ``eval_images`` test images."""
+STRENGTH_KINDS = {"exact": {"robust.natra_mode": "exact"}, "pool": {},  # pool: the fast mode as configured
+                  "fraction": {"robust.natra_mode": "fraction"}, "standard": {"robust.method": "none"}}
+
+
+def strength_row(cfg: Config, kind: str, seed: int, epochs: int, eval_images: int, threads: int = 1) -> Dict[str, Any]:
+    """One classifier of ``kind`` trained ``epochs`` epochs on the whole training split with
+    ``seed``, scored by the exact K-step latent PGD on the first ``eval_images`` test images (the
+    upstream and the codes come from the stage cache, which ``strength`` fills first)."""
+    torch.set_num_threads(threads)
     ecfg = cfg.replace(**{"data.test_subset": eval_images})
     test = load_dataset(ecfg.data, "test", seed=UPSTREAM_SEED)
     up, test_codes = prepared(ecfg, "test", test)
     train = load_dataset(cfg.data, "train", seed=UPSTREAM_SEED)
     _, train_codes = prepared(cfg, "train", train)
     test_src = source_for(cfg, up, test_codes, len(test))
+    kcfg = cfg.replace(**{**STRENGTH_KINDS[kind], "robust.epochs": epochs, "seed": seed})
+    v = Variant(kind, kcfg, train, lambda: source_for(kcfg, up, train_codes, len(train)), seed=seed)
+    t = time.perf_counter()
+    for _ in range(epochs):
+        v.epoch()
+    secs = time.perf_counter() - t
+    model = v.state.bare.eval()
     e = cfg.eval
-    kinds = {"exact": {"robust.natra_mode": "exact"}, "pool": {},  # pool: the fast mode as configured
-             "fraction": {"robust.natra_mode": "fraction"}, "standard": {"robust.method": "none"}}
-    kinds = {k: v for k, v in kinds.items() if k in only}
-    rows: List[Dict[str, Any]] = []
-    for seed in seeds:
-        for kind, over in kinds.items():
-            kcfg = cfg.replace(**{**over, "robust.epochs": epochs, "seed": seed})
-            v = Variant(kind, kcfg, train, lambda: source_for(kcfg, up, train_codes, len(train)), seed=seed)
-            t = time.perf_counter()
-            for _ in range(epochs):
-                v.epoch()
-            secs = time.perf_counter() - t
-            model = v.state.bare.eval()
-            nat = robust.natural_accuracy(model, test_src, test.labels, e.natural_eps, e.natural_steps, seed=0)
-            clean = robust.accuracy(model, test.images, test.labels)
-            rows.append({"seed": seed, "kind": kind, "natural_acc": nat, "clean_acc": clean, "train_seconds": secs,
-                         "eps_mean_end": float(v.src.eps.mean()) if v.src is not None else 0.0,
-                         "last_epoch": v.metrics[-1]})
-            last = v.metrics[-1]
-            print(f"seed {seed} {kind}: natural {nat:.4f} clean {clean:.4f} ({secs:.0f} s; last epoch: eps_mean "
-                  f"{last.get('eps_mean', 0):.3f} adv_fooled {last.get('adv_fooled', 0):.3f})", flush=True)
+    nat = robust.natural_accuracy(model, test_src, test.labels, e.natural_eps, e.natural_steps, seed=0)
+    clean = robust.accuracy(model, test.images, test.labels)
+    last = v.metrics[-1]
+    print(f"seed {seed} {kind}: natural {nat:.4f} clean {clean:.4f} ({secs:.0f} s; last epoch: eps_mean "
+          f"{last.get('eps_mean', 0):.3f} adv_fooled {last.get('adv_fooled', 0):.3f})", flush=True)
+    return {"seed": seed, "kind": kind, "natural_acc": nat, "clean_acc": clean, "train_seconds": secs,
+            "eps_mean_end": float(v.src.eps.mean()) if v.src is not None else 0.0, "last_epoch": last}
+
+
+def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
+             only: Tuple[str, ...] = tuple(STRENGTH_KINDS), workers: int = 1) -> Dict[str, Any]:
+    """Per seed: classifiers trained with the exact mode, the pool mode and none (standard),
+    each scored by the exact K-step latent PGD on ``eval_images`` test images. ``workers``
+    processes of one thread each train them side by side (the exact ones first: the longest)."""
+    ecfg = cfg.replace(**{"data.test_subset": eval_images})
+    prepared(ecfg, "test", load_dataset(ecfg.data, "test", seed=UPSTREAM_SEED))  # into the cache, once
+    prepared(cfg, "train", load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
+    kinds = [k for k in STRENGTH_KINDS if k in only]
+    jobs = sorted(((seed, kind) for seed in seeds for kind in kinds), key=lambda j: j[1] != "exact")
+    if workers <= 1:
+        rows = [strength_row(cfg, kind, seed, epochs, eval_images, torch.get_num_threads()) for seed, kind in jobs]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            futures = [ex.submit(strength_row, cfg, kind, seed, epochs, eval_images) for seed, kind in jobs]
+            rows = [f.result() for f in futures]
+    rows.sort(key=lambda r: (r["seed"], kinds.index(r["kind"])))
     if not {"exact", "pool"} <= set(kinds):
         return {"rows": rows}
+
     def acc(seed: int, kind: str) -> float:
         return next(r["natural_acc"] for r in rows if r["seed"] == seed and r["kind"] == kind)
 
     diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds] for k in ("pool", "fraction") if k in kinds}
-    return {"rows": rows, "diffs": diffs, "eval_images": len(test), "epochs": epochs,
-            "train_images": len(train), "natural_eps": e.natural_eps, "natural_steps": e.natural_steps}
+    train_images = len(load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
+    return {"rows": rows, "diffs": diffs, "eval_images": eval_images, "epochs": epochs, "workers": workers,
+            "train_images": train_images, "natural_eps": cfg.eval.natural_eps, "natural_steps": cfg.eval.natural_steps}
 
 
 # --------------------------------------------------------------------------- main
@@ -211,6 +233,8 @@ def main() -> None:
     ap.add_argument("--no-timing", action="store_true", help="full mode: the strength comparison only")
     ap.add_argument("--kinds", nargs="*", default=["exact", "pool", "fraction", "standard"],
                     help="full mode: the classifiers trained per seed")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="full mode: classifiers trained at once, one thread each (2 on two idle cores)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (robust.pool_size=4)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the classifier, G and the budgets live")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="robust.precision")
@@ -249,7 +273,7 @@ def main() -> None:
             "pool_bytes_per_10k": (variants[1].src.pool.nbytes / len(ds) * 10_000) if variants[1].src.pool else 0}
     if not args.quick and not args.no_strength:
         data["strength"] = strength(base, args.seeds, args.eval_images, args.epochs or base.robust.epochs,
-                                    tuple(args.kinds))
+                                    tuple(args.kinds), args.workers)
         if "diffs" not in data["strength"]:  # an exploration run: print its rows, write no results
             print(data["strength"]["rows"])
             return
