@@ -160,9 +160,10 @@ STRENGTH_KINDS = {"exact": {"robust.natra_mode": "exact"}, "pool": {},  # pool: 
                   "fraction": {"robust.natra_mode": "fraction"}, "standard": {"robust.method": "none"}}
 
 
-def strength_row(cfg: Config, kind: str, seed: int, epochs: int, eval_images: int, threads: int = 1) -> Dict[str, Any]:
-    """One classifier of ``kind`` trained ``epochs`` epochs on the whole training split with
-    ``seed``, scored by the exact K-step latent PGD on the first ``eval_images`` test images (the
+def strength_row(cfg: Config, kind: str, seed: int, epochs: int, eval_images: int, threads: int = 1,
+                 train_images: int = 0) -> Dict[str, Any]:
+    """One classifier of ``kind`` trained ``epochs`` epochs on the whole training split (or its
+    first ``train_images``) with ``seed``, scored by the exact K-step latent PGD on the first ``eval_images`` test images (the
     upstream and the codes come from the stage cache, which ``strength`` fills first)."""
     torch.set_num_threads(threads)
     ecfg = cfg.replace(**{"data.test_subset": eval_images})
@@ -170,6 +171,8 @@ def strength_row(cfg: Config, kind: str, seed: int, epochs: int, eval_images: in
     up, test_codes = prepared(ecfg, "test", test)
     train = load_dataset(cfg.data, "train", seed=UPSTREAM_SEED)
     _, train_codes = prepared(cfg, "train", train)
+    if train_images:
+        train = ImageDataset(train.images[:train_images], train.labels[:train_images], train.class_names)
     test_src = source_for(cfg, up, test_codes, len(test))
     kcfg = cfg.replace(**{**STRENGTH_KINDS[kind], "robust.epochs": epochs, "seed": seed})
     v = Variant(kind, kcfg, train, lambda: source_for(kcfg, up, train_codes, len(train)), seed=seed)
@@ -189,7 +192,7 @@ def strength_row(cfg: Config, kind: str, seed: int, epochs: int, eval_images: in
 
 
 def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
-             only: Tuple[str, ...] = tuple(STRENGTH_KINDS), workers: int = 1) -> Dict[str, Any]:
+             only: Tuple[str, ...] = tuple(STRENGTH_KINDS), workers: int = 1, train_images: int = 0) -> Dict[str, Any]:
     """Per seed: classifiers trained with the exact mode, the pool mode and none (standard),
     each scored by the exact K-step latent PGD on ``eval_images`` test images. ``workers``
     processes of one thread each train them side by side (the exact ones first: the longest)."""
@@ -199,13 +202,15 @@ def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
     kinds = [k for k in STRENGTH_KINDS if k in only]
     jobs = sorted(((seed, kind) for seed in seeds for kind in kinds), key=lambda j: j[1] != "exact")
     if workers <= 1:
-        rows = [strength_row(cfg, kind, seed, epochs, eval_images, torch.get_num_threads()) for seed, kind in jobs]
+        rows = [strength_row(cfg, kind, seed, epochs, eval_images, torch.get_num_threads(), train_images)
+                for seed, kind in jobs]
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futures = [ex.submit(strength_row, cfg, kind, seed, epochs, eval_images) for seed, kind in jobs]
+            futures = [ex.submit(strength_row, cfg, kind, seed, epochs, eval_images, 1, train_images)
+                       for seed, kind in jobs]
             rows = [f.result() for f in futures]
     rows.sort(key=lambda r: (r["seed"], kinds.index(r["kind"])))
     if not {"exact", "pool"} <= set(kinds):
@@ -215,7 +220,7 @@ def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
         return next(r["natural_acc"] for r in rows if r["seed"] == seed and r["kind"] == kind)
 
     diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds] for k in ("pool", "fraction") if k in kinds}
-    train_images = len(load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
+    train_images = train_images or len(load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
     return {"rows": rows, "diffs": diffs, "eval_images": eval_images, "epochs": epochs, "workers": workers,
             "train_images": train_images, "natural_eps": cfg.eval.natural_eps, "natural_steps": cfg.eval.natural_steps}
 
@@ -235,6 +240,8 @@ def main() -> None:
                     help="full mode: the classifiers trained per seed")
     ap.add_argument("--workers", type=int, default=1,
                     help="full mode: classifiers trained at once, one thread each (2 on two idle cores)")
+    ap.add_argument("--train-images", type=int, default=0,
+                    help="full mode: train the strength classifiers on the first N training images (default all)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (robust.pool_size=4)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the classifier, G and the budgets live")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="robust.precision")
@@ -273,7 +280,7 @@ def main() -> None:
             "pool_bytes_per_10k": (variants[1].src.pool.nbytes / len(ds) * 10_000) if variants[1].src.pool else 0}
     if not args.quick and not args.no_strength:
         data["strength"] = strength(base, args.seeds, args.eval_images, args.epochs or base.robust.epochs,
-                                    tuple(args.kinds), args.workers)
+                                    tuple(args.kinds), args.workers, args.train_images)
         if "diffs" not in data["strength"]:  # an exploration run: print its rows, write no results
             print(data["strength"]["rows"])
             return

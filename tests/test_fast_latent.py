@@ -345,3 +345,33 @@ def test_two_pass_under_ddp_matches_the_plain_model(tmp_path):
                 dist.destroy_process_group()
         weights.append([p.detach().clone() for p in state.bare.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
+
+
+def test_running_norm_second_half_meets_the_test_time_statistics():
+    """robust.two_pass_norm=running: the transformed half is normalised by the running statistics
+    that the clean half just updated (as an attacked test image is), and leaves them unchanged."""
+    import copy
+
+    from natra_ray.augment import Augmented
+    from natra_ray.stages.robust import _two_pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 3)).train()
+    x1, x2 = torch.rand(8, 1, 4, 4), torch.rand(8, 1, 4, 4) * 0.3  # a darker second half
+    t1, t2 = F.one_hot(torch.randint(0, 3, (8,)), 3).float(), F.one_hot(torch.randint(0, 3, (8,)), 3).float()
+    want = copy.deepcopy(model)
+    clean = soft_cross_entropy(want(x1), t1).mean()  # updates the running statistics once
+    with torch.no_grad():
+        want.eval()
+        dark = soft_cross_entropy(want(x2), t2).mean()
+        own = copy.deepcopy(model).train()
+        own(x1)
+        dark_own = soft_cross_entropy(own(x2), t2).mean()  # the half's own batch statistics
+    loss = _two_pass(model, TwoPass(x1, t1, second=lambda g: Augmented(x2, t2)), torch.device("cpu"),
+                     second_norm="running")
+    bn, ref = model[1], want[1]
+    assert bn.training and int(bn.num_batches_tracked) == 1
+    assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
+    assert torch.isclose(loss, (clean.detach() + dark) / 2, atol=1e-6)
+    assert not torch.isclose(loss, (clean.detach() + dark_own) / 2, atol=1e-4)

@@ -116,13 +116,36 @@ def _loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, precision: st
     return soft_cross_entropy(logits, target).mean(), logits
 
 
+@contextlib.contextmanager
+def _running_norm(model: nn.Module):
+    """BatchNorm layers normalise with their running statistics and leave them as they are;
+    every other module keeps its mode (dropout stays on)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
 def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device, precision: str = "fp32",
-              scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+              scaler: Optional[torch.amp.GradScaler] = None, second_norm: str = "running") -> torch.Tensor:
     """Backward the loss of a ``TwoPass`` batch (augment/pool.py) in two passes: its first half,
     whose input gradient picks the second half, then that half. The loss is the mean of the two
     halves' mean losses: with as many rows in each, the one-pass mean over all rows, and with a
     second half of a fraction of the rows, an unbiased estimate of it. Under DDP the first
-    backward does not all-reduce (``no_sync``), the second reduces both."""
+    backward does not all-reduce (``no_sync``), the second reduces both.
+
+    ``second_norm`` (``robust.two_pass_norm``) is how BatchNorm treats the second half.
+    ``batch``: over its own rows, as over any batch. Then the transformed half is normalised by
+    its own mean and variance. A shift the transformation makes in every row (darker, thicker,
+    lower contrast) is cancelled in training, but an attacked test image meets the running
+    statistics and keeps that shift. ``running``: the running statistics, which only the clean
+    half updates. The transformed images are then normalised in training as they are at test
+    time. One concatenated pass would mix the halves' statistics, and it would cost the first
+    half's passes again."""
     x1 = aug.x.to(dev).detach().requires_grad_(True)
     t1 = aug.target.to(dev)
     sync_later = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
@@ -135,7 +158,8 @@ def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device, precision: str 
     grad = x1.grad if scaler is None or not scaler.is_enabled() else x1.grad / scaler.get_scale()
     half = aug.second(grad)
     x2 = half.x.to(dev)
-    l2, logits = _loss(model, x2, half.target.to(dev), precision, **half.forward_kwargs)
+    with _running_norm(model) if second_norm == "running" else contextlib.nullcontext():
+        l2, logits = _loss(model, x2, half.target.to(dev), precision, **half.forward_kwargs)
     l2 = l2 / 2
     scale(l2).backward()
     aug.info.update(half.info)
@@ -172,7 +196,7 @@ def train_epoch(cfg: Config, state: TrainState, data: ImageDataset, latent: Opti
         aug = method(ctx, b)
         state.opt.zero_grad(set_to_none=True)
         if isinstance(aug, TwoPass):
-            loss = _two_pass(model, aug, dev, r.precision, scaler)
+            loss = _two_pass(model, aug, dev, r.precision, scaler, r.two_pass_norm)
         else:
             loss, _ = _loss(model, aug.x.to(dev), aug.target.to(dev), r.precision, **aug.forward_kwargs)
             scaler.scale(loss).backward()

@@ -42,7 +42,7 @@ RETIRED_KEYS = {"data.num_workers": 0, "robust.clean_weight": 1.0}
 # Config keys added since, with their defaults: a key at its default stays out of every key, so
 # the entries made before it existed stay valid (and a changed value keys new ones).
 ADDED_KEYS = {"data.image_column": "image", "data.label_column": "label", "robust.precision": "fp32",
-              "eval.corruption_severity": "every"}
+              "eval.corruption_severity": "every", "robust.two_pass_norm": "batch"}
 
 
 def drop_added_defaults(flat: Mapping[str, Any], section: str = "") -> Dict[str, Any]:
