@@ -130,9 +130,10 @@ class RobustConfig:
     pool_select: Literal["gradient", "loss"] = "gradient"
     pool_propose: Literal["surrogate", "random"] = "surrogate"
     adv_fraction: float = 0.2
-    # BatchNorm on the second half of a two-pass batch (pool, fraction): "running" statistics,
-    # as at test time, or the half's own "batch" statistics (stages.robust._two_pass says why).
-    two_pass_norm: Literal["running", "batch"] = "batch"
+    # BatchNorm on the second half of a two-pass batch (pool, fraction): the "running" statistics,
+    # as at test time, or the half's own "batch" statistics (stages.robust._two_pass says why;
+    # bench/bench_epoch.py's strength table compares them).
+    two_pass_norm: Literal["running", "batch"] = "running"
     num_directions: int = 8
     layer_start: int = 0
     layer_end: int = -1

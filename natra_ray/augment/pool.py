@@ -11,8 +11,11 @@ per epoch and no backward pass through G at all. The pool mode spends them so:
 * **Two passes** (``TwoPass``, run by ``stages.robust.train_epoch``): the clean half is trained
   first and its input gradient ``g = d loss / d x`` (free: the backward computes it) is handed
   to the method, which then picks the transformed half; one optimiser step on both (the mean of
-  the halves' mean losses, i.e. one pass over the 2B batch; BatchNorm normalises each half over
-  its own rows; under DDP one all-reduce).
+  the halves' mean losses, i.e. one pass over the 2B batch; under DDP one all-reduce). BatchNorm
+  normalises the clean half over its rows and the transformed half with the running statistics
+  (``robust.two_pass_norm=running``), as a transformed test image is: normalised over its own
+  rows, a shift common to the half was cancelled in training (the strength table of
+  bench/bench_epoch.py compares both).
 * **Pool.** ``LatentPool`` holds P members per example: uint8 images (P x C x H x W bytes) and
   their coefficients ``r``, within the example's attack radius when decoded (``eps_i + rho``
   with APT, ``eps`` without; APT only raises ``eps_i``, so an older member stays within the
@@ -37,10 +40,10 @@ per epoch and no backward pass through G at all. The pool mode spends them so:
   ``c * eps_i``, and ``eps_i`` grows by rho (to the cap) unless the selected member fools the
   model (the training pass's own logits).
 
-What it buys (bench/bench_epoch.py; BENCHMARKS.md, "a NaTra epoch"): ~2.8x a standard epoch
-(3.2x in the first, which decodes one member per example), against ~10x for the exact mode,
-but a weaker attack: after 2 cpu-profile epochs the exact mode's latent worst-case accuracy is
-~5 points higher. ``natra_mode=exact`` stays the default.
+What it buys (bench/bench_epoch.py; BENCHMARKS.md section 7): ~2.6-2.8x a standard epoch
+(more in the first, which decodes one member per example), against ~9-10x for the exact mode,
+but a weaker attack: the exact mode's classifier keeps a few points more latent worst-case
+accuracy at the same budget. ``natra_mode=exact`` stays the default.
 
 Memory: P bytes per pixel per example (uint8): P x 10 MB per 10k 32 x 32 grey images.
 """
