@@ -157,8 +157,8 @@ def paired(num: List[float], den: List[float]) -> float:
 
 # --------------------------------------------------------------------------- strength
 STRENGTH_KINDS = {"exact": {"robust.natra_mode": "exact"}, "pool": {},  # pool: the fast mode as configured
-                  # the pool with the transformed half under its own BatchNorm statistics (the old way)
-                  "pool_batch": {"robust.two_pass_norm": "batch"},
+                  # the pool with the transformed half under the running BatchNorm statistics
+                  "pool_running": {"robust.two_pass_norm": "running"},
                   "fraction": {"robust.natra_mode": "fraction"}, "standard": {"robust.method": "none"}}
 
 
@@ -221,7 +221,7 @@ def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
     def acc(seed: int, kind: str) -> float:
         return next(r["natural_acc"] for r in rows if r["seed"] == seed and r["kind"] == kind)
 
-    diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds] for k in ("pool", "pool_batch", "fraction") if k in kinds}
+    diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds] for k in ("pool", "pool_running", "fraction") if k in kinds}
     train_images = train_images or len(load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
     return {"rows": rows, "diffs": diffs, "eval_images": eval_images, "epochs": epochs, "workers": workers,
             "train_images": train_images, "natural_eps": cfg.eval.natural_eps, "natural_steps": cfg.eval.natural_steps}
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="full mode: training epochs (default robust.epochs)")
     ap.add_argument("--no-strength", action="store_true", help="full mode without the strength comparison")
     ap.add_argument("--no-timing", action="store_true", help="full mode: the strength comparison only")
-    ap.add_argument("--kinds", nargs="*", default=["exact", "pool", "pool_batch", "fraction", "standard"],
+    ap.add_argument("--kinds", nargs="*", default=["exact", "pool", "pool_running", "fraction", "standard"],
                     help="full mode: the classifiers trained per seed")
     ap.add_argument("--workers", type=int, default=1,
                     help="full mode: classifiers trained at once, one thread each (2 on two idle cores)")

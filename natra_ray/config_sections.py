@@ -130,10 +130,10 @@ class RobustConfig:
     pool_select: Literal["gradient", "loss"] = "gradient"
     pool_propose: Literal["surrogate", "random"] = "surrogate"
     adv_fraction: float = 0.2
-    # BatchNorm on the second half of a two-pass batch (pool, fraction): the "running" statistics,
-    # as at test time, or the half's own "batch" statistics (stages.robust._two_pass says why;
-    # bench/bench_epoch.py's strength table compares them).
-    two_pass_norm: Literal["running", "batch"] = "running"
+    # BatchNorm on the second half of a two-pass batch (pool, fraction): the half's own "batch"
+    # statistics, or the "running" ones, as at test time (stages.robust._two_pass; on the whole
+    # training split "running" cost 3 points of clean accuracy: BENCHMARKS.md section 7).
+    two_pass_norm: Literal["batch", "running"] = "batch"
     num_directions: int = 8
     layer_start: int = 0
     layer_end: int = -1

@@ -12,10 +12,9 @@ per epoch and no backward pass through G at all. The pool mode spends them so:
   first and its input gradient ``g = d loss / d x`` (free: the backward computes it) is handed
   to the method, which then picks the transformed half; one optimiser step on both (the mean of
   the halves' mean losses, i.e. one pass over the 2B batch; under DDP one all-reduce). BatchNorm
-  normalises the clean half over its rows and the transformed half with the running statistics
-  (``robust.two_pass_norm=running``), as a transformed test image is: normalised over its own
-  rows, a shift common to the half was cancelled in training (the strength table of
-  bench/bench_epoch.py compares both).
+  normalises each half over its own rows (``robust.two_pass_norm=batch``; ``running`` normalises
+  the transformed half as a test image is, which cost clean accuracy on the whole split:
+  stages.robust._two_pass).
 * **Pool.** ``LatentPool`` holds P members per example: uint8 images (P x C x H x W bytes) and
   their coefficients ``r``, within the example's attack radius when decoded (``eps_i + rho``
   with APT, ``eps`` without; APT only raises ``eps_i``, so an older member stays within the
