@@ -164,9 +164,10 @@ STRENGTH_KINDS = {"exact": {"robust.natra_mode": "exact"}, "pool": {},  # pool: 
 
 def strength_row(cfg: Config, kind: str, seed: int, epochs: int, eval_images: int, threads: int = 1,
                  train_images: int = 0) -> Dict[str, Any]:
-    """One classifier of ``kind`` trained ``epochs`` epochs on the whole training split (or its
-    first ``train_images``) with ``seed``, scored by the exact K-step latent PGD on the first ``eval_images`` test images (the
-    upstream and the codes come from the stage cache, which ``strength`` fills first)."""
+    """One classifier of ``kind`` trained ``epochs`` epochs with ``seed`` on the whole training
+    split (or its first ``train_images``), scored by the exact K-step latent PGD on the first
+    ``eval_images`` test images (the upstream and the codes come from the stage cache, which
+    ``strength`` fills first)."""
     torch.set_num_threads(threads)
     ecfg = cfg.replace(**{"data.test_subset": eval_images})
     test = load_dataset(ecfg.data, "test", seed=UPSTREAM_SEED)
@@ -221,7 +222,8 @@ def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
     def acc(seed: int, kind: str) -> float:
         return next(r["natural_acc"] for r in rows if r["seed"] == seed and r["kind"] == kind)
 
-    diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds] for k in ("pool", "pool_running", "fraction") if k in kinds}
+    diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds]
+             for k in ("pool", "pool_running", "fraction") if k in kinds}
     train_images = train_images or len(load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
     return {"rows": rows, "diffs": diffs, "eval_images": eval_images, "epochs": epochs, "workers": workers,
             "train_images": train_images, "natural_eps": cfg.eval.natural_eps, "natural_steps": cfg.eval.natural_steps}
