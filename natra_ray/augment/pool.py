@@ -39,8 +39,8 @@ per epoch and no backward pass through G at all. The pool mode spends them so:
   ``c * eps_i``, and ``eps_i`` grows by rho (to the cap) unless the selected member fools the
   model (the training pass's own logits).
 
-What it buys (bench/bench_epoch.py; BENCHMARKS.md section 7): ~2.6-2.8x a standard epoch
-(more in the first, which decodes one member per example), against ~9-10x for the exact mode,
+What it buys (bench/bench_epoch.py; BENCHMARKS.md section 7): ~2.4x a standard epoch on the cpu
+profile (3x in the first, which decodes one member per example), against ~9x for the exact mode,
 but a weaker attack: the exact mode's classifier keeps a few points more latent worst-case
 accuracy at the same budget. ``natra_mode=exact`` stays the default.
 
