@@ -222,8 +222,8 @@ def strength(cfg: Config, seeds: List[int], eval_images: int, epochs: int,
     def acc(seed: int, kind: str) -> float:
         return next(r["natural_acc"] for r in rows if r["seed"] == seed and r["kind"] == kind)
 
-    diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds]
-             for k in ("pool", "pool_running", "fraction") if k in kinds}
+    fast = [k for k in kinds if k not in ("exact", "standard")]
+    diffs = {k: [acc(s, k) - acc(s, "exact") for s in seeds] for k in fast}
     train_images = train_images or len(load_dataset(cfg.data, "train", seed=UPSTREAM_SEED))
     return {"rows": rows, "diffs": diffs, "eval_images": eval_images, "epochs": epochs, "workers": workers,
             "train_images": train_images, "natural_eps": cfg.eval.natural_eps, "natural_steps": cfg.eval.natural_steps}

@@ -33,11 +33,16 @@ ATTACKS: Registry[Tensor] = Registry("attack")
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode, restoring every submodule's own ``training`` flag on exit
-    (restoring only the top-level flag would flip submodules a user froze on purpose)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+def _eval_mode(model: nn.Module, only: Optional[type] = None) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (or only its submodules of type ``only``, e.g. BatchNorm),
+    restoring every submodule's own ``training`` flag on exit (restoring only the top-level flag
+    would flip submodules a user froze on purpose)."""
+    modes = [(m, m.training) for m in model.modules() if only is None or isinstance(m, only)]
+    if only is None:
+        model.eval()
+    else:
+        for m, _ in modes:
+            m.eval()
     try:
         yield model
     finally:

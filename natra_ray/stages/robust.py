@@ -19,6 +19,7 @@ from torch import nn
 from natra_ray.augment import AugmentContext, Batch, create_method, soft_cross_entropy
 from natra_ray.augment.latent import LatentSource, latent_attack
 from natra_ray.augment.pool import TwoPass
+from natra_ray.attacks import _eval_mode
 from natra_ray.checkpoints import save_checkpoint
 from natra_ray.config import Config
 from natra_ray.data import ImageDataset
@@ -116,20 +117,6 @@ def _loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, precision: st
     return soft_cross_entropy(logits, target).mean(), logits
 
 
-@contextlib.contextmanager
-def _running_norm(model: nn.Module):
-    """BatchNorm layers normalise with their running statistics and leave them as they are;
-    every other module keeps its mode (dropout stays on)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    for m in norms:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.train()
-
-
 def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device, precision: str = "fp32",
               scaler: Optional[torch.amp.GradScaler] = None, second_norm: str = "batch") -> torch.Tensor:
     """Backward the loss of a ``TwoPass`` batch (augment/pool.py) in two passes: its first half,
@@ -159,7 +146,9 @@ def _two_pass(model: nn.Module, aug: TwoPass, dev: torch.device, precision: str 
     grad = x1.grad if scaler is None or not scaler.is_enabled() else x1.grad / scaler.get_scale()
     half = aug.second(grad)
     x2 = half.x.to(dev)
-    with _running_norm(model) if second_norm == "running" else contextlib.nullcontext():
+    # "running": BatchNorm in eval mode only (dropout, if any, stays on)
+    with _eval_mode(model, only=nn.modules.batchnorm._BatchNorm) if second_norm == "running" \
+            else contextlib.nullcontext():
         l2, logits = _loss(model, x2, half.target.to(dev), precision, **half.forward_kwargs)
     l2 = l2 / 2
     scale(l2).backward()
