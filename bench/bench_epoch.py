@@ -159,6 +159,8 @@ def paired(num: List[float], den: List[float]) -> float:
 STRENGTH_KINDS = {"exact": {"robust.natra_mode": "exact"}, "pool": {},  # pool: the fast mode as configured
                   # the pool with the transformed half under the running BatchNorm statistics
                   "pool_running": {"robust.two_pass_norm": "running"},
+                  # twice the fresh decodes (one per example per epoch at P=4): the cost/strength trade
+                  "pool_r4": {"robust.pool_refresh": 4},
                   "fraction": {"robust.natra_mode": "fraction"}, "standard": {"robust.method": "none"}}
 
 
